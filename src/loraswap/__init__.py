@@ -1,0 +1,46 @@
+"""Hot-swap LoRA adapters in a ``torch.compile``d model without ever recompiling."""
+
+from .adapter import Adapter, LayerLora, load_adapter
+from .attach import attach
+from .capacity import Capacity
+from .compile_guard import CompileCounter, no_recompile
+from .errors import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    CapacityError,
+    HotswapError,
+    LayoutChangedError,
+    ModeError,
+    NonFiniteError,
+    PickleRefusedError,
+    RecompileError,
+    ShapeMismatchError,
+    SlotError,
+    UnsupportedAdapterError,
+)
+from .swap import AdapterSlots
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterFormatError",
+    "AdapterNotFoundError",
+    "AdapterSlots",
+    "Capacity",
+    "CapacityError",
+    "CompileCounter",
+    "HotswapError",
+    "LayerLora",
+    "LayoutChangedError",
+    "ModeError",
+    "NonFiniteError",
+    "PickleRefusedError",
+    "RecompileError",
+    "ShapeMismatchError",
+    "SlotError",
+    "UnsupportedAdapterError",
+    "attach",
+    "load_adapter",
+    "no_recompile",
+]

@@ -1,0 +1,364 @@
+"""Reading LoRA checkpoints into a normalised :class:`Adapter`.
+
+An adapter on disk is a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``),
+a lone PEFT-keyed ``.safetensors`` file, or a hub id that resolves to one of those. Whatever the
+source, the result maps each target layer's module name (as in the base model) to its ``lora_A``,
+``lora_B``, scaling and optional bias, with ``rank_pattern``/``alpha_pattern`` and rsLoRA applied.
+
+Safetensors headers are read before any tensor, so a truncated or foreign file is rejected
+without being read whole. Pickled ``.bin`` files are only read when the caller passes
+``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    PickleRefusedError,
+    UnsupportedAdapterError,
+)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# PEFT's key suffix -> (which tensor, is it an embedding layer)
+_KEY_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_B.bias": "lora_bias",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+}
+# PEFT saves the whole base embedding beside an embedding LoRA (save_embedding_layers="auto");
+# it equals the base model's unless the vocabulary was resized, which a hot-swap cannot follow.
+_BASE_LAYER_WEIGHT = ".base_layer.weight"
+_UNSUPPORTED_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora=True)",
+    "modules_to_save": "modules_to_save (whole-module copies)",
+    "trainable_tokens": "trainable_token_indices",
+}
+_UNSUPPORTED_CONFIG = {
+    "use_dora": "DoRA (use_dora=True)",
+    "modules_to_save": "modules_to_save (whole-module copies)",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+    "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QALoRA (use_qalora=True)",
+}
+
+AdapterSource = Union[str, os.PathLike, "Adapter"]
+
+
+@dataclass(frozen=True)
+class LayerLora:
+    """One target layer's LoRA factors, as PEFT stores them.
+
+    ``lora_A`` is ``[r, in]`` (Linear, Conv1D), ``[r, in_channels, *kernel]`` (ConvNd) or
+    ``[r, num_embeddings]`` (Embedding); ``lora_B`` is ``[out, r]`` or, for ConvNd,
+    ``[out, r // groups, 1, ...]``. The layer adds ``scaling * lora_B(lora_A(x)) (+ scaling * lora_bias)``.
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    lora_bias: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA checkpoint in memory: target module name -> :class:`LayerLora`."""
+
+    layers: Mapping[str, LayerLora]
+    source: str = "<memory>"
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max((layer.rank for layer in self.layers.values()), default=0)
+
+    @property
+    def target_names(self) -> frozenset[str]:
+        return frozenset(self.layers)
+
+    @property
+    def has_bias(self) -> bool:
+        return any(layer.lora_bias is not None for layer in self.layers.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.layers.values()
+            for t in (layer.lora_A, layer.lora_B, layer.lora_bias)
+            if t is not None
+        )
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.source!r}, layers={len(self.layers)}, max_rank={self.max_rank})"
+
+
+def get_pattern_key(pattern_keys, module_name: str) -> str | None:
+    """The first ``rank_pattern``/``alpha_pattern`` key that matches ``module_name``, as PEFT matches them.
+
+    A key matches when it equals the name or a dot-separated suffix of it, read as a regex.
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def layer_rank_and_alpha(config: Mapping[str, Any], module_name: str) -> tuple[int, float]:
+    """The rank and alpha that a PEFT config gives ``module_name`` (rank_pattern/alpha_pattern applied)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_key = get_pattern_key(rank_pattern, module_name)
+    alpha_key = get_pattern_key(alpha_pattern, module_name)
+    rank = rank_pattern[r_key] if r_key is not None else config.get("r", 8)
+    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+    return int(rank), float(alpha)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def check_config_supported(config: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`UnsupportedAdapterError` for PEFT configs that are not plain LoRA."""
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type {peft_type!r} is not LoRA; loraswap hot-swaps LoRA adapters only"
+        )
+    for option, feature in _UNSUPPORTED_CONFIG.items():
+        if config.get(option):
+            raise UnsupportedAdapterError(
+                f"{where}: {feature} is not supported for hot-swapping ({option}={config[option]!r}); "
+                "merge or retrain the adapter as plain LoRA"
+            )
+
+
+def split_lora_key(key: str) -> tuple[str, str]:
+    """``'base_model.model.x.q_proj.lora_A.weight'`` -> ``('x.q_proj', 'lora_A')``."""
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    for suffix, role in _KEY_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], role
+    if name.endswith(".alpha"):
+        return name[: -len(".alpha")], "alpha"
+    if name.endswith(_BASE_LAYER_WEIGHT):
+        return name[: -len(_BASE_LAYER_WEIGHT)], "base_weight"
+    for marker, feature in _UNSUPPORTED_KEYS.items():
+        if marker in name:
+            raise UnsupportedAdapterError(
+                f"key {key!r}: {feature} is not supported for hot-swapping; merge or retrain as plain LoRA"
+            )
+    raise AdapterFormatError(
+        f"key {key!r} is not a PEFT LoRA key (expected '<module>.lora_A.weight', '<module>.lora_B.weight', "
+        "'<module>.lora_embedding_A', ...); convert the file to PEFT format first"
+    )
+
+
+def group_lora_keys(keys, source: str) -> dict[str, dict[str, str]]:
+    """Module name -> {role: key}, checking every module has both A and B."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        module, role = split_lora_key(key)
+        if role != "base_weight":
+            modules.setdefault(module, {})[role] = key
+    for module, roles in modules.items():
+        missing = {"lora_A", "lora_B"} - roles.keys()
+        if missing:
+            raise AdapterFormatError(
+                f"{source}: layer {module!r} has no {' or '.join(sorted(missing))} tensor; "
+                "the file is incomplete or not a LoRA adapter"
+            )
+    if not modules:
+        raise AdapterFormatError(f"{source}: no LoRA tensors found; is this a LoRA adapter?")
+    return modules
+
+
+def adapter_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
+    source: str = "<memory>",
+) -> Adapter:
+    """Normalise a PEFT-keyed LoRA state dict (with its PEFT config, if any) into an :class:`Adapter`.
+
+    Without a config, a layer's scaling is ``alpha / r`` when the state dict holds a
+    ``<module>.alpha`` tensor, else 1.0 (as diffusers assumes for alpha-less files).
+    """
+    config = dict(config or {})
+    if config:
+        check_config_supported(config, source)
+    use_rslora = bool(config.get("use_rslora", False))
+    layers = {}
+    for module, roles in group_lora_keys(state_dict.keys(), source).items():
+        lora_A = state_dict[roles["lora_A"]]
+        lora_B = state_dict[roles["lora_B"]]
+        rank = int(lora_A.shape[0]) if lora_A.dim() else 0
+        if rank == 0 or lora_B.dim() < 2 or int(lora_B.shape[1]) * _b_groups(lora_A, lora_B) != rank:
+            raise AdapterFormatError(
+                f"{source}: layer {module!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, "
+                "whose ranks disagree; the file is corrupt"
+            )
+        layers[module] = LayerLora(
+            lora_A=lora_A,
+            lora_B=lora_B,
+            scaling=_layer_scaling(config, state_dict, roles, module, rank, use_rslora, source),
+            lora_bias=state_dict[roles["lora_bias"]] if "lora_bias" in roles else None,
+        )
+    return Adapter(layers=layers, source=source, config=config)
+
+
+def _b_groups(lora_A: torch.Tensor, lora_B: torch.Tensor) -> int:
+    """How many groups a conv lora_B splits the rank into (1 for Linear/Embedding)."""
+    if lora_B.dim() > 2 and lora_B.shape[1] and lora_A.shape[0] % lora_B.shape[1] == 0:
+        return int(lora_A.shape[0] // lora_B.shape[1])
+    return 1
+
+
+def _layer_scaling(config, state_dict, roles, module, rank, use_rslora, source) -> float:
+    if "alpha" in roles:
+        return lora_scaling(float(state_dict[roles["alpha"]]), rank, use_rslora)
+    if not config:
+        return 1.0
+    config_rank, alpha = layer_rank_and_alpha(config, module)
+    if config_rank != rank:
+        raise AdapterFormatError(
+            f"{source}: layer {module!r} has rank {rank} in its tensors but {config_rank} in the config "
+            "(r / rank_pattern); the config does not belong to these weights"
+        )
+    return lora_scaling(alpha, rank, use_rslora)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterFormatError(f"{path}: cannot read the adapter config ({err})") from err
+    except json.JSONDecodeError as err:
+        raise AdapterFormatError(f"{path}: invalid JSON at line {err.lineno} ({err.msg}); fix or re-save it") from err
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: the adapter config is not a JSON object")
+    return config
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` whose header errors (truncated, corrupt) become :class:`AdapterFormatError`."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise AdapterFormatError(f"{path}: not a valid safetensors file ({err}); re-download or re-save it") from err
+
+
+def read_safetensors(path: Path, config: Mapping[str, Any] | None) -> Adapter:
+    with open_safetensors(path) as handle:
+        keys = list(handle.keys())
+        group_lora_keys(keys, str(path))  # reject foreign or incomplete files before reading tensors
+        if config is None:
+            config = _config_from_metadata(handle.metadata() or {}, path)
+        state_dict = {key: handle.get_tensor(key) for key in keys}
+    return adapter_from_state_dict(state_dict, config, source=str(path))
+
+
+def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
+    """diffusers writes the LoraConfig into the safetensors header as ``lora_adapter_metadata``."""
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise AdapterFormatError(f"{path}: invalid lora_adapter_metadata in the header ({err.msg})") from err
+
+
+def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool) -> Adapter:
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"{path} is a pickled checkpoint; loraswap unpickles nothing unless asked: "
+            "pass allow_pickle=True (it then uses torch.load(weights_only=True)) or convert it to safetensors"
+        )
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
+        raise AdapterFormatError(f"{path}: cannot be read with torch.load(weights_only=True) ({err})") from err
+    if not isinstance(state_dict, Mapping):
+        raise AdapterFormatError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+    return adapter_from_state_dict(state_dict, config, source=str(path))
+
+
+def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local path, or the local snapshot of a hub id (offline from the cache when the hub is unreachable)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = os.fspath(source)
+    if HUB_ID.match(text):
+        return _download_from_hub(text, revision)
+    raise AdapterNotFoundError(
+        f"{text}: no such file or directory; pass a PEFT adapter directory, a .safetensors file or a hub id"
+    )
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=[CONFIG_NAME, "*.safetensors", PICKLE_NAME],
+            )
+        )
+    except Exception as err:  # huggingface_hub raises a family of HTTP, offline and cache errors
+        raise AdapterNotFoundError(
+            f"{repo_id}: not a local path and not resolvable as a hub id ({type(err).__name__}: {err}); "
+            "download it first, or check the name and HF_HUB_OFFLINE / HF_HOME"
+        ) from err
+
+
+def load_adapter(
+    source: AdapterSource,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> Adapter:
+    """Read a LoRA adapter from a PEFT directory, a ``.safetensors`` file or a hub id."""
+    if isinstance(source, Adapter):
+        return source
+    path = resolve_source(source, revision)
+    if path.is_dir():
+        config = read_config(path / CONFIG_NAME) if (path / CONFIG_NAME).exists() else None
+        if (path / SAFETENSORS_NAME).exists():
+            return read_safetensors(path / SAFETENSORS_NAME, config)
+        if (path / PICKLE_NAME).exists():
+            return read_pickle(path / PICKLE_NAME, config, allow_pickle)
+        raise AdapterNotFoundError(f"{path}: holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, None)
+    if path.suffix in {".bin", ".pt", ".pth"}:
+        return read_pickle(path, None, allow_pickle)
+    raise AdapterFormatError(f"{path}: unknown adapter file type {path.suffix!r}; expected .safetensors or a directory")

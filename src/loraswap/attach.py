@@ -1,0 +1,72 @@
+"""``attach``: wrap a model's target layers with fixed-shape slot layers, in place, before compiling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from .cache import AdapterCache, default_cache_bytes
+from .capacity import Capacity
+from .errors import CapacityError, HotswapError, ModeError
+from .layers import SlotLayer, slot_layer_class
+from .layout import SlotLayout
+from .routing import Router
+from .swap import AdapterSlots
+
+
+def find_targets(model: nn.Module, capacity: Capacity) -> list[tuple[str, nn.Module, type[SlotLayer]]]:
+    """Every module whose name ``capacity`` targets, with the slot layer class that wraps it."""
+    targets = []
+    for name, module in model.named_modules():
+        if not name or not capacity.matches(name):
+            continue
+        layer_class = slot_layer_class(module)
+        if layer_class is None:
+            raise CapacityError(
+                f"layer {name!r} matches Capacity.target_modules but is a {type(module).__name__}; loraswap wraps "
+                "Linear, Conv1d/2d/3d, Embedding and transformers' Conv1D: narrow target_modules"
+            )
+        targets.append((name, module, layer_class))
+    if not targets:
+        raise CapacityError(
+            f"no layer of the model matches Capacity.target_modules={capacity.target_modules!r}; "
+            "give layer names as PEFT does (name suffixes such as 'q_proj', or one regex)"
+        )
+    return targets
+
+
+def attach(
+    model: nn.Module,
+    capacity: Capacity,
+    *,
+    mode: Literal["slots"] = "slots",
+    cache_bytes: int | None = None,
+) -> AdapterSlots:
+    """Give every target layer ``capacity.slots`` LoRA slots, in place; slot 0 is active and empty.
+
+    Call it after the model is on its device and dtype and before ``torch.compile``.
+    ``cache_bytes`` bounds the host adapter cache (default: a quarter of RAM, at most 16 GiB; 0 disables it).
+    """
+    if mode != "slots":
+        raise ModeError(f"attach mode {mode!r} is not available; use mode='slots'")
+    if any(isinstance(module, SlotLayer) for module in model.modules()):
+        raise HotswapError("the model already has loraswap slots; attach once per model")
+    targets = find_targets(model, capacity)
+    devices = {module.weight.device for _, module, _ in targets}
+    if len(devices) > 1:
+        raise CapacityError(
+            f"the target layers span devices {sorted(map(str, devices))}; attach supports one device per model"
+        )
+    layout = SlotLayout.plan(((name, module, cls.spec(module)) for name, module, cls in targets), capacity)
+    storage = layout.allocate(capacity.slots)
+    router = Router(capacity.slots, capacity.max_batch, devices.pop())
+    for name, module, layer_class in targets:
+        place = layout.placements[name]
+        lora_A, lora_B, scale, lora_bias = layout.views(
+            storage.weights[place.group], storage.scales[place.group], name
+        )
+        slot_layer = layer_class(module, lora_A, lora_B, scale, lora_bias, router.row_weights, router.per_token)
+        model.set_submodule(name, slot_layer)
+    cache = AdapterCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
+    return AdapterSlots(model, capacity, layout, storage, router, cache)

@@ -1,0 +1,114 @@
+"""What the compiled graph must be able to hold: target layers, rank, slots, routable rows."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+from torch import nn
+
+from .adapter import Adapter, AdapterSource, get_pattern_key, load_adapter
+from .errors import CapacityError
+
+TargetModules = Union[str, Sequence[str]]
+
+DEFAULT_MAX_BATCH = 1024
+
+
+def target_matches(target_modules: TargetModules, module_name: str) -> bool:
+    """PEFT's meaning: one regex string that must match the whole name, or a list of name suffixes."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_name) is not None
+    return any(module_name == target or module_name.endswith("." + target) for target in target_modules)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The shapes ``attach`` allocates, fixed for the life of the compiled graph.
+
+    ``max_rank``: the rank every slot buffer is padded to. ``layer_ranks`` (module name or
+    rank-pattern key -> rank, PEFT's pattern matching) overrides it per layer. ``slots``: how
+    many adapters are resident at once. ``max_batch``: how many rows (or packed tokens) the
+    routing table can address. ``lora_bias``: allocate room for LoRA biases (PEFT's ``lora_bias=True``).
+    """
+
+    max_rank: int
+    target_modules: TargetModules
+    slots: int = 1
+    max_batch: int = DEFAULT_MAX_BATCH
+    lora_bias: bool = False
+    layer_ranks: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise CapacityError(f"Capacity.max_rank is {self.max_rank}; it must be at least 1")
+        if self.slots < 1:
+            raise CapacityError(f"Capacity.slots is {self.slots}; it must be at least 1")
+        if self.max_batch < 1:
+            raise CapacityError(f"Capacity.max_batch is {self.max_batch}; it must be at least 1")
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules:
+                raise CapacityError("Capacity.target_modules is empty; name at least one layer")
+        object.__setattr__(self, "layer_ranks", dict(self.layer_ranks))
+
+    def matches(self, module_name: str) -> bool:
+        return target_matches(self.target_modules, module_name)
+
+    def rank_for(self, module_name: str) -> int:
+        """The padded rank of one layer: its ``layer_ranks`` entry, else ``max_rank``."""
+        if module_name in self.layer_ranks:
+            return self.layer_ranks[module_name]
+        key = get_pattern_key(self.layer_ranks, module_name)
+        return self.layer_ranks[key] if key is not None else self.max_rank
+
+    @classmethod
+    def for_adapters(
+        cls,
+        adapters: Iterable[AdapterSource],
+        *,
+        model: nn.Module | None = None,
+        slots: int = 1,
+        per_layer_rank: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> Capacity:
+        """The smallest capacity that holds every given adapter: union of targets, maximum rank.
+
+        With ``per_layer_rank=True`` each layer is sized to the largest rank any adapter gives it.
+        With ``model``, every target is checked to exist in it.
+        """
+        loaded = [load_adapter(adapter) for adapter in adapters]
+        if not loaded:
+            raise CapacityError("Capacity.for_adapters needs at least one adapter")
+        layer_ranks = union_of_ranks(loaded)
+        if model is not None:
+            check_targets_exist(layer_ranks, model)
+        return cls(
+            max_rank=max(layer_ranks.values()),
+            target_modules=tuple(sorted(layer_ranks)),
+            slots=slots,
+            max_batch=max_batch,
+            lora_bias=any(adapter.has_bias for adapter in loaded),
+            layer_ranks=layer_ranks if per_layer_rank else {},
+        )
+
+
+def union_of_ranks(adapters: Iterable[Adapter]) -> dict[str, int]:
+    """Module name -> the largest rank any adapter gives that module."""
+    ranks: dict[str, int] = {}
+    for adapter in adapters:
+        for name, layer in adapter.layers.items():
+            ranks[name] = max(ranks.get(name, 0), layer.rank)
+    return ranks
+
+
+def check_targets_exist(module_names: Iterable[str], model: nn.Module) -> None:
+    present = {name for name, _ in model.named_modules()}
+    missing = sorted(set(module_names) - present)
+    if missing:
+        raise CapacityError(
+            f"the adapters target {len(missing)} layer(s) the model does not have, e.g. {missing[0]!r}; "
+            "were they trained on another base model?"
+        )

@@ -1,0 +1,231 @@
+"""Where every slot layer's tensors live, and how an adapter is packed into that layout.
+
+All slot buffers of one dtype share one flat tensor ``weights[slots, numel]``: slot ``s`` of every
+layer is a view at a fixed offset into row ``s``. Scalings live in ``scales[slots, layers]``
+(float32, so bf16 models keep exact alpha/r). An adapter packed into the same layout
+(:class:`PackedAdapter`) is what the host cache keeps, and a swap is one copy per row.
+
+:meth:`SlotLayout.pack` validates everything (targets, ranks, shapes, dtypes, finite values)
+before it builds anything, and builds only fresh host tensors: the model is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import Adapter, LayerLora
+from .capacity import Capacity
+from .errors import CapacityError, NonFiniteError, ShapeMismatchError
+from .layers import SlotSpec
+
+ALIGN_BYTES = 64
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """One layer's rank and offsets inside its group's flat slot row."""
+
+    name: str
+    spec: SlotSpec
+    rank: int
+    group: int
+    scale_index: int
+    a_offset: int
+    b_offset: int
+    bias_offset: int | None
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        return (self.rank, *self.spec.a_tail)
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        return (self.spec.out, self.rank)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Layers that share a dtype and device, and so one flat buffer."""
+
+    dtype: torch.dtype
+    device: torch.device
+    numel: int
+    layers: int
+
+
+@dataclass(frozen=True)
+class SlotStorage:
+    """The device tensors every slot layer's buffers are views of."""
+
+    weights: tuple[torch.Tensor, ...]  # per group: [slots, numel]
+    scales: tuple[torch.Tensor, ...]  # per group: [slots, layers], float32
+
+
+@dataclass(frozen=True)
+class PackedAdapter:
+    """An adapter laid out exactly as one slot row: what the cache keeps and a swap copies."""
+
+    weights: tuple[torch.Tensor, ...]
+    scales: tuple[torch.Tensor, ...]
+    source: str
+    targets: frozenset[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.weights, *self.scales))
+
+
+class SlotLayout:
+    """The fixed placement of every slot layer's LoRA tensors, decided once at ``attach``."""
+
+    def __init__(self, placements: dict[str, LayerPlacement], groups: list[Group], has_bias: bool) -> None:
+        self.placements = placements
+        self.groups = groups
+        self.has_bias = has_bias
+
+    @classmethod
+    def plan(cls, targets: Iterable[tuple[str, nn.Module, SlotSpec]], capacity: Capacity) -> SlotLayout:
+        placements: dict[str, LayerPlacement] = {}
+        group_keys: list[tuple[torch.dtype, torch.device]] = []
+        numel: list[int] = []
+        layers: list[int] = []
+        for name, module, spec in targets:
+            key = (module.weight.dtype, module.weight.device)
+            if key not in group_keys:
+                group_keys.append(key)
+                numel.append(0)
+                layers.append(0)
+            group = group_keys.index(key)
+            align = max(ALIGN_BYTES // module.weight.element_size(), 1)
+            rank = capacity.rank_for(name)
+            if rank % spec.groups:
+                raise CapacityError(
+                    f"layer {name!r} is a conv with groups={spec.groups}; its capacity rank {rank} must be a "
+                    f"multiple of {spec.groups}: set Capacity.max_rank (or layer_ranks) accordingly"
+                )
+            offsets = []
+            for size in (rank * math.prod(spec.a_tail), spec.out * rank, spec.out if capacity.lora_bias else 0):
+                offsets.append(numel[group] if size else None)
+                numel[group] += -(-size // align) * align
+            placements[name] = LayerPlacement(
+                name, spec, rank, group, layers[group], offsets[0], offsets[1], offsets[2]
+            )
+            layers[group] += 1
+        groups = [Group(dtype, device, n, count) for (dtype, device), n, count in zip(group_keys, numel, layers)]
+        return cls(placements, groups, capacity.lora_bias)
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes one slot (or one cached adapter) takes."""
+        return sum(g.numel * g.dtype.itemsize + g.layers * 4 for g in self.groups)
+
+    def allocate(self, slots: int) -> SlotStorage:
+        return SlotStorage(
+            weights=tuple(torch.zeros(slots, g.numel, dtype=g.dtype, device=g.device) for g in self.groups),
+            scales=tuple(torch.zeros(slots, g.layers, dtype=torch.float32, device=g.device) for g in self.groups),
+        )
+
+    def views(self, weights: torch.Tensor, scales: torch.Tensor, name: str):
+        """``(lora_A, lora_B, scale, lora_bias)`` of one layer inside ``weights [..., numel]`` and ``scales [..., layers]``."""
+        place = self.placements[name]
+        lead = weights.shape[:-1]
+
+        def window(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+            return weights[..., offset : offset + math.prod(shape)].view(*lead, *shape)
+
+        bias = None if place.bias_offset is None else window(place.bias_offset, (place.spec.out,))
+        return (
+            window(place.a_offset, place.a_shape),
+            window(place.b_offset, place.b_shape),
+            scales[..., place.scale_index],
+            bias,
+        )
+
+    def validate(self, adapter: Adapter) -> None:
+        """Raise the first reason ``adapter`` cannot be loaded into a slot; touches nothing."""
+        for name, layer in adapter.layers.items():
+            place = self.placements.get(name)
+            if place is None:
+                raise CapacityError(
+                    f"layer {name!r}: {adapter.source} targets it but attach() did not give it slots; "
+                    "add it to Capacity.target_modules, or build the capacity with Capacity.for_adapters "
+                    "over every adapter you will serve"
+                )
+            _validate_layer(name, layer, place, self.has_bias)
+
+    def pack(self, adapter: Adapter, pin_memory: bool = False) -> PackedAdapter:
+        """Validate ``adapter``, then lay it out as one slot row on the host."""
+        self.validate(adapter)
+        weights = tuple(torch.zeros(g.numel, dtype=g.dtype, pin_memory=pin_memory) for g in self.groups)
+        scales = tuple(torch.zeros(g.layers, dtype=torch.float32, pin_memory=pin_memory) for g in self.groups)
+        for name, layer in adapter.layers.items():
+            place = self.placements[name]
+            lora_A, lora_B, scale, bias = self.views(weights[place.group], scales[place.group], name)
+            _pad_into(layer, place.spec, lora_A, lora_B)
+            scale.fill_(layer.scaling)
+            if layer.lora_bias is not None:
+                bias.copy_(layer.lora_bias)
+        return PackedAdapter(weights, scales, adapter.source, adapter.target_names)
+
+
+def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias: bool) -> None:
+    spec = place.spec
+    rank = layer.rank
+    if rank > place.rank:
+        raise CapacityError(
+            f"layer {name!r}: the adapter's rank {rank} exceeds the capacity's rank {place.rank} there; "
+            f"raise Capacity.max_rank (or its layer_ranks entry) to {rank}"
+        )
+    if rank % spec.groups:
+        raise ShapeMismatchError(
+            f"layer {name!r}: rank {rank} is not a multiple of the conv's groups={spec.groups}; "
+            "PEFT cannot build such an adapter either: retrain with a rank divisible by groups"
+        )
+    expected = {
+        "lora_A": (rank, *spec.a_tail),
+        "lora_B": (spec.out, rank // spec.groups, *([1] * spec.b_trailing)),
+    }
+    tensors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    if layer.lora_bias is not None:
+        if not has_bias:
+            raise CapacityError(
+                f"layer {name!r}: the adapter has a LoRA bias (lora_bias=True) but the capacity has no room "
+                "for one; attach with Capacity(lora_bias=True)"
+            )
+        expected["lora_bias"] = (spec.out,)
+        tensors["lora_bias"] = layer.lora_bias
+    for role, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[role]:
+            raise ShapeMismatchError(
+                f"layer {name!r}: {role} has shape {tuple(tensor.shape)} but the layer needs {expected[role]}; "
+                "the adapter was trained for a different base model"
+            )
+        if not tensor.is_floating_point():
+            raise ShapeMismatchError(f"layer {name!r}: {role} has dtype {tensor.dtype}; LoRA weights must be floating point")
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        if bad:
+            raise NonFiniteError(
+                f"layer {name!r}: {role} holds {bad} NaN or infinite value(s); the adapter is corrupt, re-export it"
+            )
+    if not math.isfinite(layer.scaling):
+        raise NonFiniteError(f"layer {name!r}: scaling is {layer.scaling}; check lora_alpha and r in the config")
+
+
+def _pad_into(layer: LayerLora, spec: SlotSpec, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """Copy PEFT's ``lora_A [r, ...]`` / ``lora_B [out, r/groups, ...]`` into zero-padded ``[R, ...]`` / dense ``[out, R]``.
+
+    Grouped convs keep each group's rank block at the start of that group's padded block, and
+    ``lora_B`` becomes block-diagonal, so the dense 1x1 expand equals PEFT's grouped one.
+    """
+    groups = spec.groups
+    rank_in, rank_out = layer.rank // groups, lora_A.shape[0] // groups
+    outs = spec.out // groups
+    source_B = layer.lora_B.reshape(spec.out, rank_in)
+    for g in range(groups):
+        lora_A[g * rank_out : g * rank_out + rank_in] = layer.lora_A[g * rank_in : (g + 1) * rank_in]
+        lora_B[g * outs : (g + 1) * outs, g * rank_out : g * rank_out + rank_in] = source_B[g * outs : (g + 1) * outs]

@@ -1,0 +1,105 @@
+"""Which slots each row (or packed token) of the next forward reads, as tensors the graph reads.
+
+Routing lives in one float table ``row_weights[max_batch + 1, slots]`` shared by every slot layer:
+row ``i`` adds ``sum_s row_weights[i, s] * scale_s * B_s A_s x_i``. ``activate`` fills every
+row with one one-hot vector, ``route`` gives each row its own one-hot (or zeros for -1),
+``blend`` gives rows weighted mixtures. A 0-dim ``per_token`` flag makes the table index packed
+token positions instead of batch rows. Changing any of this is a copy into fixed tensors, so
+the compiled graph never sees a new Python value and never recompiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .errors import SlotError
+
+BlendWeights = Mapping[int, float]
+
+
+def coefficients(row_weights: torch.Tensor, per_token: torch.Tensor, batch: int, positions: int) -> torch.Tensor:
+    """Slot weights ``[positions, slots]`` for a forward whose ``positions`` flattened inputs come from ``batch`` rows.
+
+    Rows (or tokens) past ``max_batch`` read the table's spare last row, which ``activate`` and
+    uniform ``blend`` fill like every other and ``route`` leaves at zero (base model only).
+    """
+    position = torch.arange(positions, device=row_weights.device)
+    row = position // max(positions // max(batch, 1), 1)
+    index = torch.where(per_token, position, row).clamp(max=row_weights.shape[0] - 1)
+    return row_weights[index]
+
+
+def row_coefficients(row_weights: torch.Tensor, batch: int) -> torch.Tensor:
+    """Slot weights ``[batch, slots]`` for layers that see whole rows (convolutions)."""
+    row = torch.arange(batch, device=row_weights.device).clamp(max=row_weights.shape[0] - 1)
+    return row_weights[row]
+
+
+class Router:
+    """Owns the routing tensors; every write is an in-place copy of a host-built table."""
+
+    def __init__(self, slots: int, max_batch: int, device: torch.device) -> None:
+        self.slots = slots
+        self.max_batch = max_batch
+        self.rows = max_batch + 1
+        self.row_weights = torch.zeros(self.rows, slots, dtype=torch.float32, device=device)
+        self.per_token = torch.zeros((), dtype=torch.bool, device=device)
+        self._one_hot = torch.eye(slots, dtype=torch.float32)
+        self.activate(0)
+
+    def _write(self, table: torch.Tensor, per_token: bool) -> None:
+        self.row_weights.copy_(table, non_blocking=True)
+        self.per_token.fill_(per_token)
+
+    def check_slot(self, slot: int, what: str = "slot") -> None:
+        if not isinstance(slot, int) or not 0 <= slot < self.slots:
+            raise SlotError(
+                f"{what} {slot!r} is outside the {self.slots} slot(s) allocated; use 0..{self.slots - 1} "
+                "or attach with a larger Capacity.slots"
+            )
+
+    def activate(self, slot: int) -> None:
+        self.check_slot(slot)
+        self._write(self._one_hot[slot].expand(self.rows, self.slots), per_token=False)
+
+    def route(self, ids: Sequence[int], per_token: bool = False) -> None:
+        ids = [int(i) for i in ids]
+        unit = "token" if per_token else "row"
+        if len(ids) > self.max_batch:
+            raise SlotError(
+                f"route got {len(ids)} {unit}s but the routing table holds {self.max_batch}; "
+                f"attach with Capacity(max_batch={len(ids)}) or more"
+            )
+        table = torch.zeros(self.rows, self.slots)
+        for position, slot in enumerate(ids):
+            if slot != -1:
+                self.check_slot(slot, f"{unit} {position} routed to slot")
+                table[position, slot] = 1.0
+        self._write(table, per_token)
+
+    def blend(self, weights: BlendWeights | Sequence[BlendWeights]) -> None:
+        """One mapping for every row, or one mapping per row (rows past the list use the base model)."""
+        if isinstance(weights, Mapping):
+            self._write(self._blend_row(weights, "blend").expand(self.rows, self.slots), per_token=False)
+            return
+        if len(weights) > self.max_batch:
+            raise SlotError(
+                f"blend got {len(weights)} rows but the routing table holds {self.max_batch}; "
+                f"attach with Capacity(max_batch={len(weights)}) or more"
+            )
+        table = torch.zeros(self.rows, self.slots)
+        for position, row in enumerate(weights):
+            table[position] = self._blend_row(row, f"blend row {position}")
+        self._write(table, per_token=False)
+
+    def _blend_row(self, weights: BlendWeights, what: str) -> torch.Tensor:
+        row = torch.zeros(self.slots)
+        for slot, weight in weights.items():
+            self.check_slot(slot, f"{what}: slot")
+            weight = float(weight)
+            if weight != weight or weight in (float("inf"), float("-inf")):
+                raise SlotError(f"{what}: slot {slot} has weight {weight}; weights must be finite")
+            row[slot] = weight
+        return row

@@ -1,0 +1,72 @@
+"""Tiny random-init models and synthetic PEFT adapters, for the demo, the benchmarks and the tests.
+
+Nothing here downloads: models are built from transformers configs with random weights, and
+adapters are written by PEFT itself (``get_peft_model`` + ``save_pretrained``), so they are
+exactly what a user's training run would produce.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A random-init ``LlamaForCausalLM`` in eval mode (fp32, CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 32, 2),
+        num_key_value_heads=max(hidden // 64, 1),
+        max_position_embeddings=512,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def write_peft_adapter(base: nn.Module, path: str | Path, seed: int = 0, **lora_config: Any) -> Path:
+    """Write a PEFT LoRA adapter for ``base`` with random (non-zero) A and B to ``path``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(init_lora_weights=False, **lora_config)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    _shrink_lora_weights(peft_model)
+    peft_model.save_pretrained(str(path))
+    return Path(path)
+
+
+def _shrink_lora_weights(peft_model: nn.Module, std: float = 0.05) -> None:
+    """Give LoRA factors a realistic magnitude so deltas stay well inside fp32 tolerance."""
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, std)
+
+
+def write_adapters(base: nn.Module, directory: str | Path, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
+    """``{name: LoraConfig kwargs}`` -> ``{name: adapter directory}``, each with its own seed."""
+    directory = Path(directory)
+    return {
+        name: write_peft_adapter(base, directory / name, seed=index + 1, **spec)
+        for index, (name, spec) in enumerate(specs.items())
+    }
+
+
+def peft_reference(base: nn.Module, adapter_path: str | Path) -> nn.Module:
+    """PEFT's own eager model with the adapter loaded: the reference loraswap must match."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_path)).eval()
