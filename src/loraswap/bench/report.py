@@ -36,3 +36,27 @@ def emit(result: Mapping[str, Any], as_json: bool, render, plot: Path | None = N
         render(result)
     if plot is not None and plot_fn is not None:
         plot_fn(result, plot)
+
+
+def plot_bars(path: Path, title: str, values: Mapping[str, float], unit: str = "ms", reference: float | None = None,
+              reference_label: str = "") -> None:
+    """A horizontal bar chart of ``values`` (label -> number in ``unit``), with an optional reference line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit("--plot needs matplotlib: pip install 'loraswap[plot]'") from err
+    figure, axes = plt.subplots(figsize=(7, 0.5 * len(values) + 1.5))
+    labels = list(values)
+    axes.barh(labels, [values[label] for label in labels], color="#4C72B0")
+    axes.invert_yaxis()
+    if reference is not None:
+        axes.axvline(reference, color="#C44E52", linestyle="--", label=reference_label)
+        axes.legend(loc="lower right")
+    axes.set_xlabel(unit)
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
