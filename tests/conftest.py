@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random-init models and PEFT-written adapters, built once per session."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from loraswap.synthetic import tiny_llama, write_adapters
+
+# Four adapters that differ in rank, alpha, targets (disjoint and overlapping, attention and MLP),
+# rsLoRA, rank_pattern and alpha_pattern.
+LLAMA_ADAPTERS = {
+    "attn-r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "mlp-r32-rslora": dict(r=32, lora_alpha=8, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "mixed-patterns": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
+        rank_pattern={"o_proj": 4, "layers.1.self_attn.k_proj": 16},
+        alpha_pattern={"down_proj": 3, "layers.0.self_attn.q_proj": 32},
+    ),
+    "embed-and-v": dict(r=16, lora_alpha=16, target_modules=["embed_tokens", "v_proj", "up_proj"]),
+}
+
+
+def pytest_configure(config):
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def llama_base():
+    return tiny_llama(hidden=64, layers=2, vocab=96)
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(llama_base, tmp_path_factory):
+    return write_adapters(llama_base, tmp_path_factory.mktemp("llama-adapters"), LLAMA_ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def llama_tokens():
+    return torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(1))
