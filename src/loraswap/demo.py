@@ -6,6 +6,7 @@ import copy
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,8 +36,9 @@ def run_demo(rounds: int = 5, seed: int = 0) -> list[dict]:
     base = tiny_llama(hidden=128, layers=2, vocab=256)
     tokens = torch.randint(0, 256, (2, 16))
     with tempfile.TemporaryDirectory() as directory:
-        paths = write_adapters(base, Path(directory), DEMO_ADAPTERS)
-        with torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations inside PEFT
+            paths = write_adapters(base, Path(directory), DEMO_ADAPTERS)
             references = {name: peft_reference(base, path)(tokens).logits for name, path in paths.items()}
         model = copy.deepcopy(base)
         slots = attach(model, Capacity.for_adapters(paths.values(), model=model))
