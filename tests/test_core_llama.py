@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
+from conftest import LLAMA_ADAPTERS
 
 import loraswap
-from conftest import LLAMA_ADAPTERS
 from loraswap.synthetic import peft_reference
 
 

@@ -59,7 +59,7 @@ def rewrite_adapter(source, target, transform):
 
 def with_first_tensor(fn):
     def transform(state):
-        key = sorted(k for k in state if "lora_B" in k)[-1]  # the last layer: a late error
+        key = max(k for k in state if "lora_B" in k)  # the last layer: a late error
         state[key] = fn(state[key])
         return state
 
