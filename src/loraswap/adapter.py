@@ -161,7 +161,7 @@ def check_config_supported(config: Mapping[str, Any], where: str) -> None:
 
 def split_lora_key(key: str) -> tuple[str, str]:
     """``'base_model.model.x.q_proj.lora_A.weight'`` -> ``('x.q_proj', 'lora_A')``."""
-    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    name = key.removeprefix(PEFT_PREFIX)
     for suffix, role in _KEY_SUFFIXES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], role
