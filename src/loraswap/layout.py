@@ -157,6 +157,7 @@ class SlotLayout:
                     "over every adapter you will serve"
                 )
             _validate_layer(name, layer, place, self.has_bias)
+        _check_finite(adapter)
 
     def pack(self, adapter: Adapter, pin_memory: bool = False) -> PackedAdapter:
         """Validate ``adapter``, then lay it out as one slot row on the host."""
@@ -207,13 +208,33 @@ def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias
             )
         if not tensor.is_floating_point():
             raise ShapeMismatchError(f"layer {name!r}: {role} has dtype {tensor.dtype}; LoRA weights must be floating point")
+    if not math.isfinite(layer.scaling):
+        raise NonFiniteError(f"layer {name!r}: scaling is {layer.scaling}; check lora_alpha and r in the config")
+
+
+def _check_finite(adapter: Adapter) -> None:
+    """Raise :class:`NonFiniteError` naming the first layer with a NaN or inf.
+
+    One fused max-abs over every tensor (NaN propagates through max) answers the common case;
+    only a failure walks the layers to name the culprit.
+    """
+    named = [
+        (name, role, tensor)
+        for name, layer in adapter.layers.items()
+        for role, tensor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_bias", layer.lora_bias))
+        if tensor is not None and tensor.numel()
+    ]
+    if not named:
+        return
+    max_abs = torch.stack(torch._foreach_norm([tensor for _, _, tensor in named], float("inf")))
+    if bool(torch.isfinite(max_abs).all()):
+        return
+    for name, role, tensor in named:
         bad = tensor.numel() - int(torch.isfinite(tensor).sum())
         if bad:
             raise NonFiniteError(
                 f"layer {name!r}: {role} holds {bad} NaN or infinite value(s); the adapter is corrupt, re-export it"
             )
-    if not math.isfinite(layer.scaling):
-        raise NonFiniteError(f"layer {name!r}: scaling is {layer.scaling}; check lora_alpha and r in the config")
 
 
 def _pad_into(layer: LayerLora, spec: SlotSpec, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
