@@ -2,15 +2,20 @@
 
 A load resolves the adapter to a :class:`~loraswap.layout.PackedAdapter` (from the host cache,
 or read, validated and padded on a miss), then copies it into the slot's row of each flat
-buffer. Everything that can fail happens before that copy, so a failed load leaves every
-tensor of the model bit-for-bit as it was. No verb changes a shape, dtype, device, storage or
-Python attribute that the compiled graph reads.
+buffer: one ``torch._foreach_copy_`` over a few large tensors. Everything that can fail happens
+before that copy, so a failed load leaves every tensor of the model bit-for-bit as it was. No
+verb changes a shape, dtype, device, storage or Python attribute that the compiled graph reads.
+
+On CUDA the cached adapter sits in pinned host memory and the copy is issued without blocking
+on a side stream; the stream that called ``load`` waits on it (an event), so every forward
+queued after ``load`` returns sees the whole adapter, and forwards queued before it overlap
+the copy when the slot is one no row reads.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -28,9 +33,25 @@ from .routing import BlendWeights, Router
 class AdapterSlots:
     """Loads adapters into slots, activates, routes and blends them, and keeps the host cache.
 
-    ``lock`` serialises the verbs; a serving thread that runs forwards while another thread
-    swaps holds it around each forward so that no forward sees a routing change halfway.
-    Loading into a slot that no row reads is safe without it.
+    Threads. A row's routing weight for slot ``s`` is exactly 0 unless ``activate``/``route``/
+    ``blend`` gave it one, and a slot enters a forward only multiplied by its row's weight. So:
+
+    - loading into a slot that no row reads is safe while another thread runs forwards, without
+      any lock: the values a forward may read there mid-copy are old or new, all finite
+      (validated), and times exactly 0 they add exactly nothing, so the output is bit-for-bit
+      what it would be with any other finite values in that slot;
+    - ``activate``, ``route``, ``blend``, ``unload`` and a load into a slot that rows read change
+      what a forward computes, and every layer reads the routing table on its own. They take
+      ``lock``; a serving thread must hold ``lock`` around each forward (``with slots.lock:
+      model(x)``) so that no forward sees the change halfway through its layers. (Without the
+      lock, a change could only be made atomic per forward by the forward reading the routing
+      once, or by a barrier between forwards, which is what the lock is.)
+
+    On CUDA the lock orders the queuing of work, and stream order does the rest as long as the
+    forwards and the verbs run on the same stream (each thread's default stream is the same one).
+
+    The pattern for a swap that never stalls serving: ``load(new, slot=idle)`` (or ``prefetch``
+    earlier) while forwards run, then ``activate(idle)`` between two forwards.
     """
 
     def __init__(
@@ -49,11 +70,22 @@ class AdapterSlots:
         self.router = router
         self.cache = cache
         self.lock = threading.RLock()
+        self._write_lock = threading.Lock()  # slot writes vs the routing verbs; taken after ``lock``
         self._loaded: dict[int, str] = {}
+        self._read_slots: frozenset[int] = frozenset({0})  # slots some row reads with a non-zero weight
         self._prefetcher: ThreadPoolExecutor | None = None
         self._sentinel = self._first_layer()
         self._sentinel_ptr = self._sentinel.lora_A.data_ptr()
-        self._pin = any(g.device.type == "cuda" for g in layout.groups)
+        self._rows = [
+            (*(weights[slot] for weights in storage.weights), *(scales[slot] for scales in storage.scales))
+            for slot in range(capacity.slots)
+        ]
+        device = router.row_weights.device
+        self._pin = device.type == "cuda"
+        self._copy_stream = None
+        if device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(device))  # after attach's zero-fill
 
     def _first_layer(self) -> SlotLayer:
         return next(m for m in self.model.modules() if isinstance(m, SlotLayer))
@@ -65,29 +97,52 @@ class AdapterSlots:
 
     def packed(self, source: AdapterSource, *, allow_pickle: bool = False) -> PackedAdapter:
         """The adapter in slot layout: from the cache, else read, validated, padded and cached."""
-        key = cache_key(source)
-        packed = self.cache.get(key)
-        if packed is None:
+
+        def build() -> PackedAdapter:
             adapter = load_adapter(source, allow_pickle=allow_pickle)
-            packed = self.layout.pack(adapter, pin_memory=self._pin)
-            self.cache.put(key, packed, keep_alive=source if isinstance(source, Adapter) else None)
-        return packed
+            return self.layout.pack(adapter, pin_memory=self._pin)
+
+        keep_alive = source if isinstance(source, Adapter) else None
+        return self.cache.get_or_build(cache_key(source), build, keep_alive)
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
-        """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation."""
+        """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation.
+
+        Safe while forwards run when no row reads ``slot``; otherwise it waits for ``lock``.
+        """
         self.router.check_slot(slot)
         packed = self.packed(source, allow_pickle=allow_pickle)
-        with self.lock:
-            self._check_layout()
-            for weights, scales, new_weights, new_scales in zip(
-                self.storage.weights, self.storage.scales, packed.weights, packed.scales
-            ):
-                weights[slot].copy_(new_weights, non_blocking=True)
-                scales[slot].copy_(new_scales, non_blocking=True)
-            self._loaded[slot] = packed.source
+        self._check_layout()
+        with self._write_lock:
+            if slot not in self._read_slots:
+                self._copy_into(slot, packed, slot_is_read=False)
+                return
+        with self.lock, self._write_lock:
+            self._copy_into(slot, packed, slot_is_read=slot in self._read_slots)
+
+    def _copy_into(self, slot: int, packed: PackedAdapter, slot_is_read: bool) -> None:
+        values = (*packed.weights, *packed.scales)
+        self._write_rows(slot, lambda rows: torch._foreach_copy_(rows, values, non_blocking=True), slot_is_read)
+        self._loaded[slot] = packed.source
+
+    def _write_rows(self, slot: int, write: Callable[[tuple[torch.Tensor, ...]], object], slot_is_read: bool) -> None:
+        """Run ``write(rows of slot)``; on CUDA on the side stream, which orders every slot write."""
+        if self._copy_stream is None:
+            write(self._rows[slot])
+            return
+        compute = torch.cuda.current_stream(self._copy_stream.device)
+        if slot_is_read:
+            self._copy_stream.wait_stream(compute)  # forwards already queued read this slot: write after them
+        with torch.cuda.stream(self._copy_stream):
+            write(self._rows[slot])
+        compute.wait_stream(self._copy_stream)  # an event: work queued from now on sees the whole write
 
     def prefetch(self, source: AdapterSource, *, allow_pickle: bool = False) -> Future:
-        """Read, validate and pad ``source`` into the host cache on a background thread."""
+        """Read, validate and pad ``source`` into the host cache on a background thread.
+
+        The returned future gives the packed adapter or raises the load's :class:`HotswapError`;
+        a ``load`` of the same source while it runs waits for it instead of reading twice.
+        """
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraswap-prefetch")
         return self._prefetcher.submit(self.packed, source, allow_pickle=allow_pickle)
@@ -95,27 +150,36 @@ class AdapterSlots:
     def unload(self, slot: int = 0) -> None:
         """Zero ``slot``: rows routed to it get the base model's output."""
         self.router.check_slot(slot)
-        with self.lock:
-            self._check_layout()
-            for weights, scales in zip(self.storage.weights, self.storage.scales):
-                weights[slot].zero_()
-                scales[slot].zero_()
+        self._check_layout()
+        with self.lock, self._write_lock:
+            self._write_rows(slot, lambda rows: torch._foreach_zero_(list(rows)), slot in self._read_slots)
             self._loaded.pop(slot, None)
 
     def activate(self, slot: int) -> None:
         """Every row uses ``slot``."""
-        with self.lock:
+        with self.lock, self._write_lock:
             self.router.activate(slot)
+            self._set_read_slots(frozenset({slot}))
 
     def route(self, ids: Sequence[int], *, per_token: bool = False) -> None:
         """Row ``i`` (or packed token ``i`` with ``per_token=True``) uses slot ``ids[i]``; -1 = base model only."""
-        with self.lock:
+        with self.lock, self._write_lock:
             self.router.route(ids, per_token=per_token)
+            self._set_read_slots(frozenset(int(slot) for slot in ids) - {-1})
 
     def blend(self, weights: BlendWeights | Sequence[BlendWeights]) -> None:
         """Every row (or row ``i``, given a list) uses the weighted sum of the given slots."""
-        with self.lock:
+        with self.lock, self._write_lock:
             self.router.blend(weights)
+            rows = [weights] if isinstance(weights, Mapping) else weights
+            self._set_read_slots(_weighted_slots(rows))
+
+    def _set_read_slots(self, read_slots: frozenset[int]) -> None:
+        """Record which slots rows now read; on CUDA, later slot writes also wait for the forwards
+        queued before this routing change, which may still read a slot that is no longer read."""
+        if self._copy_stream is not None:
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
+        self._read_slots = read_slots
 
     def _check_layout(self) -> None:
         if self._sentinel.lora_A.data_ptr() != self._sentinel_ptr:
@@ -129,3 +193,7 @@ class AdapterSlots:
             f"AdapterSlots(layers={len(self.layout.placements)}, slots={self.capacity.slots}, "
             f"slot_bytes={self.layout.slot_nbytes}, loaded={self._loaded})"
         )
+
+
+def _weighted_slots(rows: Iterable[BlendWeights]) -> frozenset[int]:
+    return frozenset(int(slot) for row in rows for slot, weight in row.items() if float(weight) != 0.0)

@@ -1,0 +1,186 @@
+"""``loraswap bench swap``: what one adapter swap costs, against PEFT's hotswap and a plain memory copy.
+
+One Llama-style model (hidden 512, 8 layers, LoRA on all seven projections) and PEFT adapters of
+ranks 8/16/32/64 written by PEFT itself. Each mode cycles through the adapters; the modes are
+timed in alternating rounds in one process:
+
+- PEFT: ``prepare_model_for_compiled_hotswap(target_rank=64)`` once, then ``hotswap_adapter`` per swap;
+- loraswap cold load: ``load`` with the host cache disabled (read, validate, pad, copy every time);
+- loraswap warm swap: ``load`` of an adapter already in the host cache;
+- loraswap activate: switch every row to the other, pre-loaded slot;
+- floor: one ``copy_`` of the same padded bytes from host memory (what a swap cannot beat).
+
+Swap cost does not depend on compilation, so neither model is compiled here (``loraswap demo``
+and the tests show that swaps do not recompile). The garbage collector is paused while timing,
+as ``timeit`` does: torch, transformers and PEFT keep about a million objects alive, so one
+collection pass (about 3 ms here) that lands inside a 1 ms swap would time the collector, not
+the swap, and where it lands depends on the other modes' allocations.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..attach import attach
+from ..capacity import Capacity
+from ..synthetic import LLAMA_PROJECTIONS, tiny_llama, write_adapters
+from .report import format_seconds, plot_bars, print_table
+from .timing import alternating_medians
+
+BENCH_RANKS = (8, 16, 32, 64)
+PEFT = "PEFT hotswap_adapter"
+COLD = "loraswap cold load"
+WARM = "loraswap warm swap"
+ACTIVATE = "loraswap activate"
+FLOOR = "floor: one copy_"
+
+TARGETS = (
+    ("warm swap >= 10x faster than PEFT hotswap_adapter", "peft_over_warm", ">=", 10.0),
+    ("warm swap <= 2x the memory-copy floor", "warm_over_floor", "<=", 2.0),
+    ("cold load no slower than PEFT hotswap_adapter", "cold_over_peft", "<=", 1.0),
+    ("activate < 100 us", "activate_us", "<", 100.0),
+)
+
+
+def run_swap(
+    rounds: int = 30,
+    hidden: int = 512,
+    layers: int = 8,
+    ranks: Sequence[int] = BENCH_RANKS,
+    seed: int = 0,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Time the five modes side by side; medians in seconds, ratios, targets met.
+
+    ``threads``: ``torch.set_num_threads`` for the run (0 keeps torch's default).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    base = tiny_llama(hidden=hidden, layers=layers, vocab=256, seed=seed)
+    specs = {f"rank-{r}": {"r": r, "lora_alpha": 2 * r, "target_modules": list(LLAMA_PROJECTIONS)} for r in ranks}
+    with tempfile.TemporaryDirectory() as directory:
+        paths = [str(path) for path in write_adapters(base, Path(directory), specs).values()]
+        modes, check, padded_bytes = _modes(base, paths, max(ranks))
+        gc.collect()
+        gc.disable()
+        try:
+            medians = alternating_medians(modes, rounds=rounds)
+        finally:
+            gc.enable()
+        max_abs_error = check()
+    ratios = {
+        "peft_over_warm": medians[PEFT] / medians[WARM],
+        "warm_over_floor": medians[WARM] / medians[FLOOR],
+        "cold_over_peft": medians[COLD] / medians[PEFT],
+        "activate_us": medians[ACTIVATE] * 1e6,
+    }
+    return {
+        "model": f"Llama hidden={hidden} layers={layers}, LoRA on {', '.join(LLAMA_PROJECTIONS)}",
+        "adapters": list(specs),
+        "padded_bytes": padded_bytes,
+        "rounds": rounds,
+        "torch_threads": torch.get_num_threads(),
+        "gc_paused_while_timing": True,
+        "medians_s": medians,
+        "ratios": ratios,
+        "targets": [
+            {"target": text, "measure": key, "value": ratios[key], "met": _compare(ratios[key], op, bound)}
+            for text, key, op, bound in TARGETS
+        ],
+        "max_abs_error_vs_peft": max_abs_error,
+    }
+
+
+def _modes(base: torch.nn.Module, paths: list[str], max_rank: int):
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0]).eval()
+    prepare_model_for_compiled_hotswap(peft_model, target_rank=max_rank)
+
+    warm_model, cold_model = copy.deepcopy(base), copy.deepcopy(base)
+    capacity = Capacity.for_adapters(paths, model=base, slots=2)
+    warm = attach(warm_model, capacity)
+    cold = attach(cold_model, capacity, cache_bytes=0)
+    packed = [warm.packed(path) for path in paths]
+    if len(packed[0].weights) != 1:
+        raise RuntimeError("the swap benchmark expects one dtype group (one flat buffer per slot)")
+    floor_destination = torch.empty_like(packed[0].weights[0])
+
+    def cycling(action: Callable[[Any], object], items: Sequence[Any]) -> Callable[[], object]:
+        order = itertools.cycle(items)
+        return lambda: action(next(order))
+
+    modes = {
+        PEFT: cycling(
+            lambda path: hotswap_adapter(peft_model, path, adapter_name="default", torch_device="cpu"), paths
+        ),
+        COLD: cycling(cold.load, paths),
+        WARM: cycling(warm.load, paths),
+        ACTIVATE: cycling(warm.activate, [1, 0]),
+        FLOOR: cycling(lambda entry: floor_destination.copy_(entry.weights[0]), packed[2:] + packed[:2]),
+    }
+
+    def check() -> float:
+        """Max abs logit difference between loraswap (warm load) and PEFT, both on the last adapter."""
+        tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        hotswap_adapter(peft_model, paths[-1], adapter_name="default", torch_device="cpu")
+        warm.load(paths[-1], slot=0)
+        warm.activate(0)
+        with torch.no_grad():
+            return (warm_model(tokens).logits - peft_model(tokens).logits).abs().max().item()
+
+    return modes, check, packed[0].nbytes
+
+
+def _compare(value: float, op: str, bound: float) -> bool:
+    return {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+
+
+def print_swap(result: dict[str, Any]) -> None:
+    medians = result["medians_s"]
+    rows = [
+        (
+            mode,
+            format_seconds(seconds),
+            f"{seconds / medians[FLOOR]:.2f}x",
+            f"{medians[PEFT] / seconds:.1f}x" if mode != PEFT else "1.0x",
+        )
+        for mode, seconds in medians.items()
+    ]
+    title = (
+        f"loraswap bench swap: {result['model']}; adapters {', '.join(result['adapters'])}; "
+        f"{result['padded_bytes'] / 2**20:.1f} MiB padded; median of {result['rounds']} alternating rounds; "
+        f"{result['torch_threads']} torch thread(s)"
+    )
+    print_table(title, ["mode", "median", "vs floor", "speed-up vs PEFT"], rows)
+    print_table(
+        "targets (same run)",
+        ["target", "measured", "met"],
+        [(t["target"], _measured(t["measure"], t["value"]), "yes" if t["met"] else "NO") for t in result["targets"]],
+    )
+    print(f"max abs logit error vs PEFT after a warm swap: {result['max_abs_error_vs_peft']:.2e}")
+
+
+def _measured(measure: str, value: float) -> str:
+    return f"{value:.1f} us" if measure.endswith("_us") else f"{value:.2f}x"
+
+
+def plot_swap(result: dict[str, Any], path: Path) -> None:
+    medians = result["medians_s"]
+    plot_bars(
+        path,
+        "One adapter swap (median)",
+        {mode: seconds * 1e3 for mode, seconds in medians.items() if mode != FLOOR},
+        unit="ms",
+        reference=medians[FLOOR] * 1e3,
+        reference_label="memory-copy floor",
+    )

@@ -1,0 +1,111 @@
+"""Swapping in one thread while another runs forwards: no forward ever mixes two adapters.
+
+The serving thread holds ``slots.lock`` around each forward; the swapping thread loads the next
+adapter into the slot no row reads (without the lock, concurrently with forwards) and then
+activates it (which takes the lock, so it lands between two forwards). Every output must be
+bit-for-bit the output of exactly one adapter, and that adapter's output matches PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from loraswap import Capacity, attach
+from loraswap.synthetic import peft_reference, tiny_llama, write_adapters
+
+ADAPTERS = {
+    "attention-r4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "mlp-r16": {"r": 16, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+    "all-r8": {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]},
+}
+SWAPS = 24
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tiny_llama(hidden=64, layers=2, vocab=128)
+    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    paths = write_adapters(base, tmp_path_factory.mktemp("adapters"), ADAPTERS)
+    model = copy.deepcopy(base)
+    slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=2))
+    with torch.no_grad():
+        peft = {name: peft_reference(base, path)(tokens).logits for name, path in paths.items()}
+        own = {}
+        for slot, (name, path) in itertools.product((1, 0), paths.items()):
+            slots.load(path, slot=slot)
+            slots.activate(slot)
+            own[name, slot] = model(tokens).logits
+    return model, slots, tokens, paths, peft, own
+
+
+def adapters_matching(output, own):
+    """The adapters whose own output (in either slot) equals ``output`` bit for bit."""
+    return {name for (name, _), reference in own.items() if torch.equal(output, reference)}
+
+
+def test_references_tell_the_adapters_apart(setup):
+    _, _, _, _, peft, own = setup
+    for (name, _), reference in own.items():
+        torch.testing.assert_close(reference, peft[name], atol=1e-5, rtol=0)
+        assert adapters_matching(reference, own) == {name}
+
+
+def test_forwards_never_mix_adapters_while_another_thread_swaps(setup):
+    model, slots, tokens, paths, peft, own = setup
+    outputs: list[torch.Tensor] = []
+    done = threading.Event()
+
+    def serve():
+        with torch.no_grad():
+            while not done.is_set():
+                with slots.lock:
+                    outputs.append(model(tokens).logits)
+
+    def swap():
+        try:
+            active = 0
+            for name in itertools.islice(itertools.cycle(paths), SWAPS):
+                idle = 1 - active
+                slots.load(paths[name], slot=idle)  # no row reads it: runs concurrently with forwards
+                slots.activate(idle)  # takes slots.lock: lands between two forwards
+                active = idle
+                time.sleep(0.003)  # let a few forwards run on each adapter
+        finally:
+            done.set()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        server, swapper = pool.submit(serve), pool.submit(swap)
+        swapper.result(timeout=120)  # re-raises the thread's exception, if any
+        server.result(timeout=120)
+    assert outputs
+    seen = set()
+    for index, output in enumerate(outputs):
+        names = adapters_matching(output, own)
+        assert len(names) == 1, f"forward {index} matches {sorted(names) or 'no adapter'}: it mixed old and new weights"
+        (name,) = names
+        torch.testing.assert_close(output, peft[name], atol=1e-5, rtol=0)
+        seen.add(name)
+    assert len(seen) >= 2, "the forwards never overlapped a swap; the test proved nothing"
+
+
+def test_an_activate_halfway_through_a_forward_is_detected(setup):
+    """The check above can fail: switching slots between two decoder layers gives an output that is no adapter's."""
+    model, slots, tokens, paths, _, own = setup
+    names = list(paths)
+    slots.load(paths[names[0]], slot=0)
+    slots.load(paths[names[2]], slot=1)
+    slots.activate(0)
+    handle = model.model.layers[1].register_forward_pre_hook(lambda module, args: slots.activate(1))
+    try:
+        with torch.no_grad():
+            mixed = model(tokens).logits
+    finally:
+        handle.remove()
+    assert adapters_matching(mixed, own) == set()
