@@ -18,12 +18,14 @@ from .errors import (
     SlotError,
     UnsupportedAdapterError,
 )
+from .info import AdapterInfo, inspect
 from .swap import AdapterSlots
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdapterInfo",
     "AdapterFormatError",
     "AdapterNotFoundError",
     "AdapterSlots",
@@ -41,6 +43,7 @@ __all__ = [
     "SlotError",
     "UnsupportedAdapterError",
     "attach",
+    "inspect",
     "load_adapter",
     "no_recompile",
 ]

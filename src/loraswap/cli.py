@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
 from .errors import HotswapError
 
-app = typer.Typer(help="Hot-swap LoRA adapters in a torch.compile'd model without recompiling.", no_args_is_help=True)
+app = typer.Typer(
+    help="Hot-swap LoRA adapters in a torch.compile'd model without recompiling. Errors on bad input print one "
+    "line and exit 2; add --debug anywhere for the traceback.",
+    no_args_is_help=True,
+)
 bench_app = typer.Typer(help="Benchmarks: modes timed side by side in one run, medians and ratios.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -31,24 +36,149 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command("inspect")
+def inspect_command(
+    paths: list[str] = typer.Argument(
+        ..., metavar="PATH", help="Adapter folders, .safetensors files, hub ids, or folders of adapters."
+    ),
+    layers: bool = typer.Option(False, "--layers", help="Also print every layer's rank, alpha, scaling and shapes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Describe LoRA adapters from their safetensors headers and configs, without loading a tensor."""
+    from .info import adapter_paths, inspect, print_infos
+
+    infos = [inspect(source) for source in _progress(adapter_paths(paths), "inspecting")]
+    if as_json:
+        print(json.dumps([info.to_dict() for info in infos], indent=2))
+    else:
+        print_infos(infos, show_layers=layers)
+
+
+@app.command("plan")
+def plan_command(
+    paths: list[str] = typer.Argument(
+        ..., metavar="PATH", help="Adapter folders, .safetensors files, hub ids, or folders of adapters."
+    ),
+    model: str = typer.Option(
+        ..., "--model", help="Base model: a local transformers/diffusers model or pipeline folder, or a hub id."
+    ),
+    slots: int = typer.Option(1, "--slots", min=1, help="Adapters resident on the device at once."),
+    per_layer_rank: bool = typer.Option(False, "--per-layer-rank", help="Size each layer to its own largest rank."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (its config's), float32, bfloat16, float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """The Capacity these adapters need on MODEL (built on the meta device, no weights) and its cost in bytes.
+
+    Exits 1 when an adapter cannot fit (the table says why).
+    """
+    from torch import nn
+
+    from .info import adapter_paths, inspect
+    from .plan import DTYPES, build_meta_model, plan, plan_pipeline, print_plan
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r} is not one of auto, {', '.join(DTYPES)}", param_hint="--dtype")
+    infos = [inspect(source) for source in _progress(adapter_paths(paths), "inspecting")]
+    built = build_meta_model(model, dtype)
+    if isinstance(built, nn.Module):
+        result = plan(infos, built, model_name=model, slots=slots, per_layer_rank=per_layer_rank)
+    elif per_layer_rank:
+        raise typer.BadParameter("not available for diffusers pipelines yet", param_hint="--per-layer-rank")
+    else:
+        result = plan_pipeline(infos, built, model_name=model, slots=slots)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_plan(result)
+    if len(result.fitting) < len(result.adapters):
+        raise typer.Exit(1)
+
+
+def _progress(items: list[str], what: str):
+    """``items``, with a progress bar on stderr when there are many."""
+    from rich.console import Console
+    from rich.progress import track
+
+    console = Console(stderr=True)
+    many = len(items) >= 8 and console.is_terminal
+    return track(items, description=what, console=console, transient=True, disable=not many)
+
+
+@bench_app.command("mixed")
+def bench_mixed(
+    rounds: int = typer.Option(15, help="Alternating timing rounds."),
+    peft_mixes: int = typer.Option(3, help="New mixes to time on PEFT's compiled model (each recompiles)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
+) -> None:
+    """Rows of one batch on different adapters in one compiled forward, against PEFT and per-group swapping."""
+    from .bench.mixed import plot_mixed, print_mixed, run_mixed
+    from .bench.report import emit
+
+    emit(run_mixed(rounds=rounds, peft_mixes=peft_mixes), as_json, print_mixed, plot, plot_mixed)
+
+
+@bench_app.command("swap")
+def bench_swap(
+    rounds: int = typer.Option(30, help="Alternating timing rounds."),
+    threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
+) -> None:
+    """One adapter swap: PEFT's hotswap_adapter against loraswap cold, warm, activate and the memory-copy floor."""
+    from .bench.report import emit
+    from .bench.swap import plot_swap, print_swap, run_swap
+
+    emit(run_swap(rounds=rounds, threads=threads), as_json, print_swap, plot, plot_swap)
+
+
+@bench_app.command("forward")
+def bench_forward(
+    sets: str = typer.Option("ab", help="Adapter sets to run: a (ranks 8-64), b (one rank-128 layer type, others 4-8)."),
+    rounds: int = typer.Option(30, help="Alternating timing rounds."),
+    seq: int = typer.Option(128, help="Tokens per forward (batch 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
+) -> None:
+    """Per-forward cost of base, slots (uniform and per-layer rank), fused and PEFT's hotswap-prepared model."""
+    from .bench.forward import plot_forward, print_forward, run_forward
+    from .bench.report import emit
+
+    emit(run_forward(sets=sets, rounds=rounds, seq=seq), as_json, print_forward, plot, plot_forward)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    rounds: int = typer.Option(2, help="Cycles through the four LoRAs, plus one; each mode's first request (its compilation) is reported apart."),
+    steps: int = typer.Option(4, help="Denoising steps per request."),
+    channels: int = typer.Option(32, help="UNet block_out_channels[0] (the model size)."),
+    size: int = typer.Option(32, help="Image height and width in pixels (latents are half that)."),
+    backend: str = typer.Option("inductor", help="torch.compile backend of the compiled modes."),
+    threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
+) -> None:
+    """A compiled diffusion pipeline serving four LoRAs (text encoder included): eager, no swaps, diffusers hotswap, loraswap."""
+    from .bench.pipeline import plot_pipeline, print_pipeline, run_pipeline_bench
+    from .bench.report import emit
+
+    result = run_pipeline_bench(rounds=rounds, steps=steps, channels=channels, size=size, backend=backend, threads=threads)
+    emit(result, as_json, print_pipeline, plot, plot_pipeline)
+
+
 def main() -> None:
-    """Entry point: bad input exits 2 with one line, no traceback unless --debug."""
+    """Entry point: bad input exits 2 with one line, no traceback unless --debug (anywhere on the line).
+
+    typer runs in standalone mode, so usage errors (exit 2), ``--help`` and ``typer.Exit`` codes
+    behave as typer makes them; only loraswap's own errors on bad input are turned into one line.
+    """
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=False)
+        app()
     except HotswapError as err:
         if debug:
             raise
-        print(f"loraswap: error: {err}", file=sys.stderr)
+        print(f"loraswap: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except Exception as err:  # click's usage errors
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(2)
-        raise
