@@ -1,0 +1,282 @@
+"""Heterogeneous batches: per-row routing, per-token routing and blends, checked against PEFT's eager models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import loraswap
+from loraswap.synthetic import write_adapters
+
+MAX_BATCH = 8
+
+
+def peft_multi_adapter(base: nn.Module, paths: dict) -> nn.Module:
+    """One PEFT model holding every adapter under its own name (the reference for mixed batches)."""
+    from peft import PeftModel
+
+    names = list(paths)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(paths[name]), adapter_name=name)
+    return model.eval()
+
+
+def merged_reference(peft_model: nn.Module, base: nn.Module, weights: dict[str, float]) -> nn.Module:
+    """The base model with ``sum_name weight * delta_name`` added to each target weight, computed by PEFT."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            target = merged.get_submodule(name)
+            for adapter, weight in weights.items():
+                if adapter in module.lora_A or adapter in module.lora_embedding_A:
+                    target.weight += weight * module.get_delta_weight(adapter)
+    return merged.eval()
+
+
+@pytest.fixture(scope="module")
+def names(llama_adapters):
+    return list(llama_adapters)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 96, (MAX_BATCH, 7), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def peft_model(llama_base, llama_adapters):
+    return peft_multi_adapter(llama_base, llama_adapters)
+
+
+@pytest.fixture(scope="module")
+def references(peft_model, llama_base, names, tokens):
+    """PEFT's eager single-adapter logits for every adapter, and the base model's."""
+    outputs = {}
+    with torch.no_grad():
+        for name in names:
+            peft_model.set_adapter(name)
+            outputs[name] = peft_model(tokens).logits
+        outputs["base"] = llama_base(tokens).logits
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def attached(llama_base, llama_adapters):
+    model = copy.deepcopy(llama_base)
+    capacity = loraswap.Capacity.for_adapters(
+        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH
+    )
+    slots = loraswap.attach(model, capacity)
+    for slot, path in enumerate(llama_adapters.values()):
+        slots.load(path, slot=slot)
+    return model, slots
+
+
+@pytest.fixture(scope="module")
+def compiled(attached, tokens):
+    """The attached model compiled once, with a dynamic batch dimension."""
+    model, slots = attached
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    first = tokens.clone()
+    torch._dynamo.mark_dynamic(first, 0)
+    slots.activate(0)
+    with torch.no_grad():
+        compiled(first)
+    return compiled
+
+
+def expected_rows(references: dict, names: list[str], ids: list[int], rows: int | None = None) -> torch.Tensor:
+    rows = len(ids) if rows is None else rows
+    return torch.stack([references["base" if slot == -1 else names[slot]][row] for row, slot in enumerate(ids[:rows])])
+
+
+def test_routed_rows_match_peft_single_adapter_eager(attached, references, names, tokens):
+    model, slots = attached
+    ids = [0, 1, -1, 2, 3, 1, -1, 0]
+    slots.route(ids)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    for row, slot in enumerate(ids):
+        if slot == -1:
+            assert torch.equal(logits[row], references["base"][row]), f"row {row} routed to -1 is not the base model"
+        else:
+            torch.testing.assert_close(logits[row], references[names[slot]][row], atol=1e-5, rtol=0)
+
+
+def test_routed_rows_match_peft_adapter_names_batch(attached, peft_model, names, tokens):
+    model, slots = attached
+    ids = [3, 3, 0, -1, 1, 2, 0, 2]
+    slots.route(ids)
+    with torch.no_grad():
+        expected = peft_model(tokens, adapter_names=["__base__" if s == -1 else names[s] for s in ids]).logits
+        torch.testing.assert_close(model(tokens).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_new_mixes_blends_and_batch_sizes_never_recompile(compiled, attached, references, peft_model, llama_base, names, tokens):
+    _, slots = attached
+    mixes = [[0, 1, 2, 3, -1, 0, 1, 2], [-1] * 8, [3, 2, 1, 0, 3, 2, 1, 0], [2, -1, 2, -1, 1, 1, 0, 3]]
+    blend = {0: 0.7, 3: 0.3}
+    blended = merged_reference(peft_model, llama_base, {names[s]: w for s, w in blend.items()})
+    with torch.no_grad():
+        blended_logits = blended(tokens).logits
+    with torch._dynamo.config.patch(error_on_recompile=True), loraswap.no_recompile(), torch.no_grad():
+        for ids in mixes:
+            slots.route(ids)
+            torch.testing.assert_close(compiled(tokens).logits, expected_rows(references, names, ids), atol=1e-4, rtol=0)
+        for batch in range(2, MAX_BATCH + 1):
+            ids = mixes[0][-batch:]
+            slots.route(ids)
+            torch.testing.assert_close(
+                compiled(tokens[-batch:]).logits, expected_rows(references, names, mixes[0])[-batch:], atol=1e-4, rtol=0
+            )
+        slots.activate(2)
+        torch.testing.assert_close(compiled(tokens).logits, references[names[2]], atol=1e-4, rtol=0)
+        slots.blend(blend)
+        torch.testing.assert_close(compiled(tokens).logits, blended_logits, atol=1e-4, rtol=0)
+        slots.route([1, 0], per_token=True)
+        compiled(tokens)
+        slots.activate(0)
+        torch.testing.assert_close(compiled(tokens).logits, references[names[0]], atol=1e-4, rtol=0)
+
+
+def test_blend_equals_weighted_sum_of_deltas(attached, peft_model, llama_base, names, tokens):
+    model, slots = attached
+    blend = {0: 0.7, 1: 0.3, 2: -0.5, 3: 1.25}
+    slots.blend(blend)
+    reference = merged_reference(peft_model, llama_base, {names[s]: w for s, w in blend.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_blend_equals_peft_add_weighted_adapter(llama_base, llama_adapters, tokens):
+    """PEFT's ``cat`` combination is exactly the weighted sum of deltas (plain LoRA adapters)."""
+    chosen = {"attn-r2": 0.6, "embed-and-v": 0.4}
+    peft_model = peft_multi_adapter(llama_base, {name: llama_adapters[name] for name in chosen})
+    peft_model.add_weighted_adapter(list(chosen), list(chosen.values()), "blend", combination_type="cat")
+    peft_model.set_adapter("blend")
+    model = copy.deepcopy(llama_base)
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=2))
+    for slot, name in enumerate(chosen):
+        slots.load(llama_adapters[name], slot=slot)
+    slots.blend(dict(enumerate(chosen.values())))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, peft_model(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_per_row_blends(attached, peft_model, llama_base, names, tokens):
+    model, slots = attached
+    rows = [{0: 1.0}, {1: 0.5, 2: 0.5}, {}, {3: 2.0, 0: -1.0}]
+    slots.blend(rows)
+    with torch.no_grad():
+        logits = model(tokens).logits
+        for row, weights in enumerate(rows):
+            reference = merged_reference(peft_model, llama_base, {names[s]: w for s, w in weights.items()})
+            torch.testing.assert_close(logits[row], reference(tokens[row : row + 1]).logits[0], atol=1e-5, rtol=0)
+        rest = llama_base(tokens[len(rows) :]).logits
+    assert torch.equal(logits[len(rows) :], rest), "rows past a per-row blend must be the base model"
+
+
+def test_rows_past_max_batch(attached, references, names, llama_base, tokens):
+    """``activate`` covers any batch size; ``route`` leaves rows it does not name on the base model."""
+    model, slots = attached
+    big = torch.cat([tokens, tokens[:3]])
+    slots.activate(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(big).logits[MAX_BATCH:], references[names[1]][:3], atol=1e-5, rtol=0)
+        slots.route([2] * MAX_BATCH)
+        logits = model(big).logits
+    torch.testing.assert_close(logits[:MAX_BATCH], references[names[2]], atol=1e-5, rtol=0)
+    assert torch.equal(logits[MAX_BATCH:], references["base"][:3])
+
+
+def test_bad_routes_raise_and_change_nothing(attached):
+    model, slots = attached
+    slots.route([1, 0, -1])
+    before = slots.router.row_weights.clone(), slots.router.per_token.clone()
+    with pytest.raises(loraswap.SlotError, match="max_batch"):
+        slots.route([0] * (MAX_BATCH + 1))
+    with pytest.raises(loraswap.SlotError, match="outside the 4 slot"):
+        slots.route([0, 4])
+    with pytest.raises(loraswap.SlotError, match="outside the 4 slot"):
+        slots.route([0, -2])
+    with pytest.raises(loraswap.SlotError, match="finite"):
+        slots.blend({0: float("nan")})
+    with pytest.raises(loraswap.SlotError, match="outside"):
+        slots.blend([{0: 1.0}, {7: 1.0}])
+    with pytest.raises(loraswap.SlotError, match="max_batch"):
+        slots.blend([{0: 1.0}] * (MAX_BATCH + 1))
+    assert torch.equal(slots.router.row_weights, before[0]) and torch.equal(slots.router.per_token, before[1])
+
+
+class TokenMLP(nn.Module):
+    """Tokens in, one vector per token out: no mixing across tokens, so packed requests stay independent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(self.embed(ids))))
+
+
+@pytest.fixture(scope="module")
+def packed_setup(tmp_path_factory):
+    base = TokenMLP().eval()
+    paths = write_adapters(
+        base,
+        tmp_path_factory.mktemp("mlp-adapters"),
+        {
+            "up-r4": dict(r=4, lora_alpha=8, target_modules=["up"]),
+            "all-r8": dict(r=8, lora_alpha=4, target_modules=["embed", "up", "down"]),
+            "down-r2": dict(r=2, lora_alpha=2, target_modules=["down"]),
+        },
+    )
+    peft_model = peft_multi_adapter(base, paths)
+    model = copy.deepcopy(base)
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(paths.values(), model=model, slots=3, max_batch=32))
+    for slot, path in enumerate(paths.values()):
+        slots.load(path, slot=slot)
+    return base, peft_model, list(paths), model, slots
+
+
+@pytest.mark.parametrize("shape", [(1, 20), (20,)], ids=["packed-row", "flat"])
+def test_per_token_routing_matches_peft(packed_setup, shape):
+    base, peft_model, names, model, slots = packed_setup
+    ids = torch.randint(0, 40, shape, generator=torch.Generator().manual_seed(5))
+    routes = [(-1, 0, 1, 2, 2)[i % 5] for i in range(20)]
+    slots.route(routes, per_token=True)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        eager_out = model(ids).reshape(20, -1)
+        compiled_out = compiled(ids).reshape(20, -1)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            slots.route(routes[::-1], per_token=True)
+            compiled(ids)
+            slots.route(routes, per_token=True)
+            assert torch.equal(compiled(ids).reshape(20, -1), compiled_out)
+        for slot in range(-1, 3):
+            if slot == -1:
+                expected = base(ids).reshape(20, -1)
+            else:
+                peft_model.set_adapter(names[slot])
+                expected = peft_model(ids).reshape(20, -1)
+            for token, routed in enumerate(routes):
+                if routed != slot:
+                    continue
+                if slot == -1:
+                    assert torch.equal(eager_out[token], expected[token])
+                else:
+                    torch.testing.assert_close(eager_out[token], expected[token], atol=1e-5, rtol=0)
+                torch.testing.assert_close(compiled_out[token], expected[token], atol=1e-4, rtol=0)
