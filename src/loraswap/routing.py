@@ -10,6 +10,7 @@ the compiled graph never sees a new Python value and never recompiles.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -46,12 +47,15 @@ class Router:
         self.rows = max_batch + 1
         self.row_weights = torch.zeros(self.rows, slots, dtype=torch.float32, device=device)
         self.per_token = torch.zeros((), dtype=torch.bool, device=device)
+        self._per_token_written = False
         self._one_hot = torch.eye(slots, dtype=torch.float32)
         self.activate(0)
 
     def _write(self, table: torch.Tensor, per_token: bool) -> None:
         self.row_weights.copy_(table, non_blocking=True)
-        self.per_token.fill_(per_token)
+        if per_token != self._per_token_written:  # a second tiny write would double activate's cost
+            self.per_token.fill_(per_token)
+            self._per_token_written = per_token
 
     def check_slot(self, slot: int, what: str = "slot") -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.slots:
@@ -99,7 +103,7 @@ class Router:
         for slot, weight in weights.items():
             self.check_slot(slot, f"{what}: slot")
             weight = float(weight)
-            if weight != weight or weight in (float("inf"), float("-inf")):
+            if not math.isfinite(weight):
                 raise SlotError(f"{what}: slot {slot} has weight {weight}; weights must be finite")
             row[slot] = weight
         return row
