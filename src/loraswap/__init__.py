@@ -18,6 +18,7 @@ from .errors import (
     SlotError,
     UnsupportedAdapterError,
 )
+from .fused import FusedSlots
 from .info import AdapterInfo, inspect
 from .swap import AdapterSlots
 
@@ -32,6 +33,7 @@ __all__ = [
     "Capacity",
     "CapacityError",
     "CompileCounter",
+    "FusedSlots",
     "HotswapError",
     "LayerLora",
     "LayoutChangedError",

@@ -9,6 +9,7 @@ from torch import nn
 from .cache import AdapterCache, default_cache_bytes
 from .capacity import Capacity
 from .errors import CapacityError, HotswapError, ModeError
+from .fused import FusedSlots, attach_fused, is_fused
 from .layers import SlotLayer, slot_layer_class
 from .layout import SlotLayout
 from .routing import Router
@@ -40,19 +41,26 @@ def attach(
     model: nn.Module,
     capacity: Capacity,
     *,
-    mode: Literal["slots"] = "slots",
+    mode: Literal["slots", "fused"] = "slots",
     cache_bytes: int | None = None,
-) -> AdapterSlots:
+) -> AdapterSlots | FusedSlots:
     """Give every target layer ``capacity.slots`` LoRA slots, in place; slot 0 is active and empty.
+
+    ``mode="fused"`` leaves the layers as they are and merges the active adapter into their weights
+    (no per-step cost; no ``route``/``blend``): see :mod:`loraswap.fused`.
 
     Call it after the model is on its device and dtype and before ``torch.compile``.
     ``cache_bytes`` bounds the host adapter cache (default: a quarter of RAM, at most 16 GiB; 0 disables it).
     """
-    if mode != "slots":
-        raise ModeError(f"attach mode {mode!r} is not available; use mode='slots'")
-    if any(isinstance(module, SlotLayer) for module in model.modules()):
+    if mode not in ("slots", "fused"):
+        raise ModeError(f"attach mode {mode!r} is not available; use mode='slots' or mode='fused'")
+    if is_fused(model) or any(isinstance(module, SlotLayer) for module in model.modules()):
         raise HotswapError("the model already has loraswap slots; attach once per model")
+    cache = AdapterCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
+    if mode == "fused":
+        return attach_fused(model, capacity, cache)
     targets = find_targets(model, capacity)
+    capacity.check_layer_ranks(name for name, _, _ in targets)
     devices = {module.weight.device for _, module, _ in targets}
     if len(devices) > 1:
         raise CapacityError(
@@ -68,5 +76,4 @@ def attach(
         )
         slot_layer = layer_class(module, lora_A, lora_B, scale, lora_bias, router.row_weights, router.per_token)
         model.set_submodule(name, slot_layer)
-    cache = AdapterCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
     return AdapterSlots(model, capacity, layout, storage, router, cache)

@@ -29,7 +29,9 @@ class Capacity:
     """The shapes ``attach`` allocates, fixed for the life of the compiled graph.
 
     ``max_rank``: the rank every slot buffer is padded to. ``layer_ranks`` (module name or
-    rank-pattern key -> rank, PEFT's pattern matching) overrides it per layer. ``slots``: how
+    rank-pattern key -> rank, matched as PEFT matches ``rank_pattern``) sizes layers individually,
+    e.g. ``Capacity(max_rank=8, target_modules=[...], layer_ranks={"down_proj": 64})``; a layer's
+    cost per forward grows with its rank, so padding only where needed is cheaper. ``slots``: how
     many adapters are resident at once. ``max_batch``: how many rows (or packed tokens) the
     routing table can address. ``lora_bias``: allocate room for LoRA biases (PEFT's ``lora_bias=True``).
     """
@@ -53,9 +55,22 @@ class Capacity:
             if not self.target_modules:
                 raise CapacityError("Capacity.target_modules is empty; name at least one layer")
         object.__setattr__(self, "layer_ranks", dict(self.layer_ranks))
+        for key, rank in self.layer_ranks.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise CapacityError(f"Capacity.layer_ranks[{key!r}] is {rank!r}; a layer's rank must be an int >= 1")
 
     def matches(self, module_name: str) -> bool:
         return target_matches(self.target_modules, module_name)
+
+    def check_layer_ranks(self, target_names: Iterable[str]) -> None:
+        """Raise when a ``layer_ranks`` key sizes none of the targeted layers (a typo would silently pad to ``max_rank``)."""
+        names = list(target_names)
+        for key in self.layer_ranks:
+            if key not in names and not any(get_pattern_key([key], name) for name in names):
+                raise CapacityError(
+                    f"Capacity.layer_ranks key {key!r} matches none of the {len(names)} targeted layers "
+                    f"(e.g. {names[0]!r}); use a module name or a name-suffix pattern as in PEFT's rank_pattern"
+                )
 
     def rank_for(self, module_name: str) -> int:
         """The padded rank of one layer: its ``layer_ranks`` entry, else ``max_rank``."""

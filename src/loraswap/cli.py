@@ -107,7 +107,7 @@ def _progress(items: list[str], what: str):
 @bench_app.command("mixed")
 def bench_mixed(
     rounds: int = typer.Option(15, help="Alternating timing rounds."),
-    peft_mixes: int = typer.Option(3, help="New mixes to time on PEFT's compiled model (each recompiles)."),
+    peft_mixes: int = typer.Option(3, min=1, help="New mixes to time on PEFT's compiled model (each recompiles)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
@@ -137,6 +137,7 @@ def bench_forward(
     sets: str = typer.Option("ab", help="Adapter sets to run: a (ranks 8-64), b (one rank-128 layer type, others 4-8)."),
     rounds: int = typer.Option(30, help="Alternating timing rounds."),
     seq: int = typer.Option(128, help="Tokens per forward (batch 1)."),
+    threads: int = typer.Option(1, help="torch threads (1: steadier on a shared CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
@@ -144,7 +145,7 @@ def bench_forward(
     from .bench.forward import plot_forward, print_forward, run_forward
     from .bench.report import emit
 
-    emit(run_forward(sets=sets, rounds=rounds, seq=seq), as_json, print_forward, plot, plot_forward)
+    emit(run_forward(sets=sets, rounds=rounds, seq=seq, threads=threads), as_json, print_forward, plot, plot_forward)
 
 
 @bench_app.command("pipeline")
