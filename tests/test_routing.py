@@ -280,3 +280,50 @@ def test_per_token_routing_matches_peft(packed_setup, shape):
                 else:
                     torch.testing.assert_close(eager_out[token], expected[token], atol=1e-5, rtol=0)
                 torch.testing.assert_close(compiled_out[token], expected[token], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def gathered(llama_base, llama_adapters):
+    """The same four adapters with ``max_blend=1``: Linear layers gather each row's slot."""
+    model = copy.deepcopy(llama_base)
+    capacity = loraswap.Capacity.for_adapters(
+        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH, max_blend=1
+    )
+    slots = loraswap.attach(model, capacity)
+    for slot, path in enumerate(llama_adapters.values()):
+        slots.load(path, slot=slot)
+    return model, slots
+
+
+def test_gathered_rows_match_peft_compiled_without_recompiles(gathered, references, names, tokens):
+    model, slots = gathered
+    compiled = torch.compile(model, dynamic=True)
+    mixes = [[0, 1, 2, 3, -1, 3, 2, 1], [3, 3, -1, 0, 1, 1, 2, 0], [-1] * MAX_BATCH]
+    with torch.no_grad():
+        slots.route(mixes[0])
+        compiled(tokens)
+        with torch._dynamo.config.patch(error_on_recompile=True), loraswap.no_recompile():
+            for mix in mixes:
+                slots.route(mix)
+                for logits, eager, slot, row in zip(compiled(tokens).logits, model(tokens).logits, mix, range(len(mix))):
+                    expected = references["base"][row] if slot == -1 else references[names[slot]][row]
+                    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+                    torch.testing.assert_close(eager, expected, atol=1e-5, rtol=0)
+                    if slot == -1:
+                        assert torch.equal(eager, expected), "a -1 row must be exactly the base model"
+            slots.activate(2)
+            torch.testing.assert_close(compiled(tokens).logits, references[names[2]], atol=1e-4, rtol=0)
+
+
+def test_gathered_capacity_refuses_wider_blends_and_per_token_routing(gathered):
+    _, slots = gathered
+    slots.route([0, 1])
+    before = [t.clone() for t in (slots.router.row_weights, slots.router.row_slots, slots.router.row_terms)]
+    with pytest.raises(loraswap.SlotError, match=r"mixes 2 slots but Capacity\.max_blend is 1"):
+        slots.blend({0: 0.5, 1: 0.5})
+    with pytest.raises(loraswap.SlotError, match=r"Capacity\(max_blend=4\)"):
+        slots.route([0, 1], per_token=True)
+    after = (slots.router.row_weights, slots.router.row_slots, slots.router.row_terms)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    slots.blend({2: 0.25})
+    assert torch.equal(slots.router.row_slots[:, 0], torch.full((MAX_BATCH + 1,), 2))

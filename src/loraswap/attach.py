@@ -68,12 +68,12 @@ def attach(
         )
     layout = SlotLayout.plan(((name, module, cls.spec(module)) for name, module, cls in targets), capacity)
     storage = layout.allocate(capacity.slots)
-    router = Router(capacity.slots, capacity.max_batch, devices.pop())
+    router = Router(capacity.slots, capacity.max_batch, devices.pop(), capacity.max_blend)
     for name, module, layer_class in targets:
         place = layout.placements[name]
         lora_A, lora_B, scale, lora_bias = layout.views(
             storage.weights[place.group], storage.scales[place.group], name
         )
-        slot_layer = layer_class(module, lora_A, lora_B, scale, lora_bias, router.row_weights, router.per_token)
+        slot_layer = layer_class(module, lora_A, lora_B, scale, lora_bias, router)
         model.set_submodule(name, slot_layer)
     return AdapterSlots(model, capacity, layout, storage, router, cache)

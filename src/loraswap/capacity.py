@@ -34,6 +34,10 @@ class Capacity:
     cost per forward grows with its rank, so padding only where needed is cheaper. ``slots``: how
     many adapters are resident at once. ``max_batch``: how many rows (or packed tokens) the
     routing table can address. ``lora_bias``: allocate room for LoRA biases (PEFT's ``lora_bias=True``).
+    ``max_blend``: how many slots one row may mix (default: all of them). Below ``slots``, Linear
+    layers gather each row's own slots instead of computing every slot for every row, so a routed
+    batch costs about one adapter's compute whatever ``slots`` is; blends are then limited to
+    ``max_blend`` slots per row and per-token routing is unavailable.
     """
 
     max_rank: int
@@ -42,6 +46,7 @@ class Capacity:
     max_batch: int = DEFAULT_MAX_BATCH
     lora_bias: bool = False
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
+    max_blend: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -55,6 +60,12 @@ class Capacity:
             if not self.target_modules:
                 raise CapacityError("Capacity.target_modules is empty; name at least one layer")
         object.__setattr__(self, "layer_ranks", dict(self.layer_ranks))
+        if self.max_blend is None:
+            object.__setattr__(self, "max_blend", self.slots)
+        if not 1 <= self.max_blend <= self.slots:
+            raise CapacityError(
+                f"Capacity.max_blend is {self.max_blend}; it must lie in 1..slots ({self.slots})"
+            )
         for key, rank in self.layer_ranks.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
                 raise CapacityError(f"Capacity.layer_ranks[{key!r}] is {rank!r}; a layer's rank must be an int >= 1")
@@ -88,6 +99,7 @@ class Capacity:
         slots: int = 1,
         per_layer_rank: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_blend: int | None = None,
     ) -> Capacity:
         """The smallest capacity that holds every given adapter: union of targets, maximum rank.
 
@@ -105,6 +117,7 @@ class Capacity:
             target_modules=tuple(sorted(layer_ranks)),
             slots=slots,
             max_batch=max_batch,
+            max_blend=max_blend,
             lora_bias=any(adapter.has_bias for adapter in loaded),
             layer_ranks=layer_ranks if per_layer_rank else {},
         )

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import coefficients, row_coefficients
+from .routing import Router, coefficients, row_coefficients
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ class SlotLayer(nn.Module):
         lora_B: torch.Tensor,
         scale: torch.Tensor,
         lora_bias: torch.Tensor | None,
-        row_weights: torch.Tensor,
-        per_token: torch.Tensor,
+        router: Router,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -56,8 +55,10 @@ class SlotLayer(nn.Module):
         self.register_buffer("lora_B", lora_B, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("lora_bias", lora_bias, persistent=False)
-        self.register_buffer("row_weights", row_weights, persistent=False)
-        self.register_buffer("per_token", per_token, persistent=False)
+        self.register_buffer("row_weights", router.row_weights, persistent=False)
+        self.register_buffer("per_token", router.per_token, persistent=False)
+        self.register_buffer("row_slots", router.row_slots, persistent=False)
+        self.register_buffer("row_terms", router.row_terms, persistent=False)
 
     @staticmethod
     def spec(base_layer: nn.Module) -> SlotSpec:
@@ -92,11 +93,29 @@ class SlotLinear(SlotLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
         batch = x.shape[0] if x.dim() > 1 else 1
-        coef = self._token_coefficients(batch, flat.shape[0], flat.dtype)
-        hidden = torch.einsum("ni,sri->nsr", flat, self.lora_A)
-        return result + self._expand(hidden, coef).reshape(result.shape).to(result.dtype)
+        if self.row_slots is not None:
+            delta = self._gathered_delta(x.reshape(batch, -1, x.shape[-1]).to(self.lora_A.dtype))
+        else:
+            flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+            coef = self._token_coefficients(batch, flat.shape[0], flat.dtype)
+            delta = self._expand(torch.einsum("ni,sri->nsr", flat, self.lora_A), coef)
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+    def _gathered_delta(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, T, in]`` -> ``[B, T, out]`` through each row's own ``max_blend`` slots only.
+
+        Each row gathers its slots' A and B (``[B, K, R, in]``, ``[B, K, out, R]``), so the cost is
+        K adapters' compute per row however many slots are resident.
+        """
+        index = torch.arange(rows.shape[0], device=rows.device).clamp(max=self.row_slots.shape[0] - 1)
+        slot_ids = self.row_slots[index]
+        coef = (self.row_terms[index] * self.scale[slot_ids]).to(rows.dtype)
+        hidden = torch.einsum("bti,bkri->btkr", rows, self.lora_A[slot_ids]) * coef[:, None, :, None]
+        delta = torch.einsum("btkr,bkor->bto", hidden, self.lora_B[slot_ids])
+        if self.lora_bias is not None:
+            delta = delta + torch.einsum("bk,bko->bo", coef, self.lora_bias[slot_ids]).unsqueeze(1)
+        return delta
 
 
 class SlotConv1D(SlotLinear):

@@ -6,6 +6,11 @@ row with one one-hot vector, ``route`` gives each row its own one-hot (or zeros 
 ``blend`` gives rows weighted mixtures. A 0-dim ``per_token`` flag makes the table index packed
 token positions instead of batch rows. Changing any of this is a copy into fixed tensors, so
 the compiled graph never sees a new Python value and never recompiles.
+
+When ``Capacity.max_blend`` (K) is below the slot count, the same routing is also kept as K
+terms per row: ``row_slots[max_batch + 1, K]`` (slot ids) and ``row_terms[max_batch + 1, K]``
+(their weights, 0 for unused terms). Linear layers then gather each row's own slots instead of
+computing all of them.
 """
 
 from __future__ import annotations
@@ -41,21 +46,54 @@ def row_coefficients(row_weights: torch.Tensor, batch: int) -> torch.Tensor:
 class Router:
     """Owns the routing tensors; every write is an in-place copy of a host-built table."""
 
-    def __init__(self, slots: int, max_batch: int, device: torch.device) -> None:
+    def __init__(self, slots: int, max_batch: int, device: torch.device, max_blend: int | None = None) -> None:
         self.slots = slots
         self.max_batch = max_batch
+        self.max_blend = slots if max_blend is None else max_blend
         self.rows = max_batch + 1
         self.row_weights = torch.zeros(self.rows, slots, dtype=torch.float32, device=device)
         self.per_token = torch.zeros((), dtype=torch.bool, device=device)
+        self.row_slots: torch.Tensor | None = None
+        self.row_terms: torch.Tensor | None = None
+        if self.max_blend < slots:
+            self.row_slots = torch.zeros(self.rows, self.max_blend, dtype=torch.long, device=device)
+            self.row_terms = torch.zeros(self.rows, self.max_blend, dtype=torch.float32, device=device)
+            self._first_term = torch.zeros(self.rows, self.max_blend)
+            self._first_term[:, 0] = 1.0
         self._per_token_written = False
         self._one_hot = torch.eye(slots, dtype=torch.float32)
         self.activate(0)
 
     def _write(self, table: torch.Tensor, per_token: bool) -> None:
+        """Write a dense ``[rows, slots]`` table (and its K-term form), after checking it fits."""
+        if self.row_slots is not None:
+            terms = self._terms(table, per_token)
+            self.row_slots.copy_(terms[0], non_blocking=True)
+            self.row_terms.copy_(terms[1], non_blocking=True)
+        self._write_dense(table, per_token)
+
+    def _write_dense(self, table: torch.Tensor, per_token: bool) -> None:
         self.row_weights.copy_(table, non_blocking=True)
         if per_token != self._per_token_written:  # a second tiny write would double activate's cost
             self.per_token.fill_(per_token)
             self._per_token_written = per_token
+
+    def _terms(self, table: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slot ids, weights)`` of each row's non-zero entries, at most ``max_blend`` of them."""
+        if per_token:
+            raise SlotError(
+                f"per-token routing computes every slot for every token, but this capacity gathers "
+                f"{self.max_blend} slot(s) per row; attach with Capacity(max_blend={self.slots})"
+            )
+        used = (table != 0).sum(dim=1)
+        if int(used.max()) > self.max_blend:
+            row = int(used.argmax())
+            raise SlotError(
+                f"row {row} mixes {int(used[row])} slots but Capacity.max_blend is {self.max_blend}; "
+                f"attach with Capacity(max_blend={int(used[row])}) or more"
+            )
+        slot_ids = table.abs().topk(self.max_blend, dim=1).indices
+        return slot_ids, table.gather(1, slot_ids)
 
     def check_slot(self, slot: int, what: str = "slot") -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.slots:
@@ -66,7 +104,10 @@ class Router:
 
     def activate(self, slot: int) -> None:
         self.check_slot(slot)
-        self._write(self._one_hot[slot].expand(self.rows, self.slots), per_token=False)
+        if self.row_slots is not None:
+            self.row_slots.fill_(slot)
+            self.row_terms.copy_(self._first_term, non_blocking=True)
+        self._write_dense(self._one_hot[slot].expand(self.rows, self.slots), per_token=False)
 
     def route(self, ids: Sequence[int], per_token: bool = False) -> None:
         ids = [int(i) for i in ids]

@@ -71,7 +71,9 @@ def run_mixed(rounds: int = 15, new_mixes: int = 12, peft_mixes: int = 3, seed: 
     with tempfile.TemporaryDirectory() as directory:
         paths = write_adapters(base, Path(directory), MIXED_ADAPTERS)
         model = copy.deepcopy(base)
-        slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=len(paths)))
+        # Routing only (one adapter per row): gather each row's slot instead of computing all four.
+        capacity = Capacity.for_adapters(paths.values(), model=model, slots=len(paths), max_blend=1)
+        slots = attach(model, capacity)
         for slot, path in enumerate(paths.values()):
             slots.load(path, slot=slot)
         peft_model = _peft_multi_adapter(base, paths)

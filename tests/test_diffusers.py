@@ -1,0 +1,371 @@
+"""loraswap.diffusers on tiny random-init pipelines: every component swapped, diffusers' own loader as reference.
+
+Each LoRA file is written in the format a trainer writes (diffusers' ``save_lora_weights`` or kohya
+key names); the reference is a fresh pipeline given the same file through diffusers' ordinary
+``load_lora_weights``. Compiled components use dynamo's ``eager`` backend: recompilation is decided
+by dynamo's guards, which do not depend on the backend, and inductor would spend minutes on a
+2-core machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import loraswap
+import loraswap.diffusers as lsd
+from loraswap.synthetic import peft_reference, write_peft_adapter
+from loraswap.synthetic_diffusers import (
+    LoraSpec,
+    expected_kohya_scalings,
+    random_lora_layers,
+    tiny_flux_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    write_diffusers_lora,
+    write_kohya_flux_lora,
+    write_kohya_lora,
+)
+
+pytest.importorskip("diffusers")
+
+# Four LoRAs with different targets, ranks and alphas, text encoder included.
+SD_LORAS = {
+    "unet-only": LoraSpec(targets={"unet": ["to_v", "to_out.0"]}, rank=8, alpha=4, seed=1),
+    "unet-and-te": LoraSpec(
+        targets={"unet": ["to_k", "ff.net.0.proj"], "text_encoder": ["k_proj", "fc2"]}, rank=2, alpha=3, seed=2
+    ),
+    "kohya-te": LoraSpec(
+        targets={"unet": ["attn1.to_q", "attn2.to_k", "ff.net.2", "proj_in"], "text_encoder": ["q_proj", "out_proj", "fc1"]},
+        rank=4,
+        alpha=8,
+        rank_pattern={"proj_in": 2},
+        alpha_pattern={"ff.net.2": 2.0},
+        seed=3,
+    ),
+    "te-only": LoraSpec(
+        targets={"text_encoder": ["v_proj", "fc1"]}, rank=6, alpha=6, rank_pattern={"fc1": 3}, alpha_pattern={"v_proj": 12}, seed=4
+    ),
+}
+# Per-module alphas in both components, and a kohya text-encoder LoRA without out_proj, both of which
+# diffusers 0.42 mis-reads (most common alpha for the text encoder; q_proj keys dropped).
+KOHYA_ALPHAS = LoraSpec(
+    targets={"unet": ["attn2.to_q", "to_out.0"], "text_encoder": ["q_proj", "fc1"]},
+    rank=4,
+    alpha=4,
+    rank_pattern={"fc1": 2},
+    alpha_pattern={"q_proj": 1.0, "fc1": 3.0, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0": 16.0},
+    seed=5,
+)
+
+
+def write(pipe, directory, name, spec):
+    if name.startswith("kohya"):
+        return write_kohya_lora(pipe, directory / f"{name}.safetensors", spec)
+    return write_diffusers_lora(pipe, directory / name, spec)
+
+
+def generate(pipe, prompt="a cat"):
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            num_inference_steps=1,
+            output_type="latent",
+            height=16,
+            width=16,
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+
+def storage_snapshot(pipeline_slots):
+    return {
+        name: [t.clone() for t in (*slots.storage.weights, *slots.storage.scales)]
+        for name, slots in pipeline_slots.components.items()
+    }
+
+
+def assert_same_storage(before, pipeline_slots, description):
+    after = storage_snapshot(pipeline_slots)
+    for name in before:
+        assert all(torch.equal(a, b) for a, b in zip(before[name], after[name])), (description, name)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sd_files(sd_pipe, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sd-loras")
+    return {name: write(sd_pipe, directory, name, spec) for name, spec in SD_LORAS.items()}
+
+
+@pytest.fixture(scope="module")
+def base_output(sd_pipe):
+    return generate(sd_pipe)
+
+
+@pytest.fixture(scope="module")
+def references(sd_pipe, sd_files):
+    """diffusers' own eager pipeline with each file: the outputs loraswap must match."""
+    outputs = {}
+    for name, path in sd_files.items():
+        reference = copy.deepcopy(sd_pipe)
+        reference.load_lora_weights(str(path))
+        outputs[name] = generate(reference)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def compiled(sd_pipe, sd_files):
+    """One pipeline, attached for all four LoRAs, unet and text encoder compiled in place once."""
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, list(sd_files.values()))
+    torch._dynamo.reset()
+    pipe.unet.compile(backend="eager")
+    pipe.text_encoder.compile(backend="eager")
+    generate(pipe)  # the one compilation of each component
+    return pipe, pipeline_slots
+
+
+def test_attach_plans_union_of_targets_per_component(sd_pipe, sd_files):
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, list(sd_files.values()))
+    assert set(pipeline_slots.components) == {"unet", "text_encoder"}
+    for component in ("unet", "text_encoder"):
+        expected = set()
+        for spec in SD_LORAS.values():
+            expected |= set(random_lora_layers(getattr(sd_pipe, component), spec, component))
+        assert set(pipeline_slots.components[component].layout.placements) == expected
+    assert pipeline_slots.components["unet"].capacity.max_rank == 8
+    assert pipeline_slots.components["text_encoder"].capacity.max_rank == 6
+    per_layer = lsd.attach(copy.deepcopy(sd_pipe), list(sd_files.values()), per_layer_rank=True)
+    placements = per_layer.components["text_encoder"].layout.placements
+    assert placements["encoder.layers.0.mlp.fc1"].rank == 4  # kohya-te r4, te-only r3 there
+    assert placements["encoder.layers.0.self_attn.v_proj"].rank == 6
+
+
+def test_compiled_swaps_match_diffusers_without_recompiling(compiled, sd_files, references, base_output):
+    pipe, pipeline_slots = compiled
+    order = list(sd_files)
+    random.Random(0).shuffle(order)
+    order += order[:2]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name in order:
+            pipeline_slots.load(sd_files[name])
+            torch.testing.assert_close(generate(pipe), references[name], atol=1e-4, rtol=0)
+        pipeline_slots.unload(0)
+        assert torch.equal(generate(pipe), base_output)
+
+
+def test_directory_and_state_dict_sources_match_diffusers(compiled, sd_pipe, sd_files, references):
+    """A directory is read like its file; a state dict has no header, so no LoraConfig: scaling 1 per
+    layer, as diffusers reads it too."""
+    pipe, pipeline_slots = compiled
+    with loraswap.no_recompile():
+        pipeline_slots.load(sd_files["unet-and-te"].parent)
+        torch.testing.assert_close(generate(pipe), references["unet-and-te"], atol=1e-4, rtol=0)
+    state_dict = load_file(str(sd_files["unet-and-te"]))
+    reference = copy.deepcopy(sd_pipe)
+    reference.load_lora_weights(state_dict)
+    with loraswap.no_recompile():
+        pipeline_slots.load(state_dict)
+        torch.testing.assert_close(generate(pipe), generate(reference), atol=1e-4, rtol=0)
+
+
+def test_peft_directory_goes_to_the_component_it_fits(sd_pipe, tmp_path):
+    path = write_peft_adapter(sd_pipe.text_encoder, tmp_path / "te-peft", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, [path])
+    assert set(pipeline_slots.components) == {"text_encoder"}
+    pipeline_slots.load(path)
+    tokens = torch.arange(2, 10)[None]
+    with torch.no_grad():
+        expected = peft_reference(sd_pipe.text_encoder, path)(tokens).last_hidden_state
+        torch.testing.assert_close(pipe.text_encoder(tokens).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_prefetch_fills_the_cache(sd_pipe, sd_files, tmp_path):
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, list(sd_files.values()), cache_bytes=0)
+    assert len(pipeline_slots.cache) == 0
+    pipeline_slots.cache.max_bytes = 1 << 30
+    pipeline_slots.prefetch(sd_files["kohya-te"]).result()
+    assert len(pipeline_slots.cache) == 1
+
+
+def test_kohya_per_module_alphas_are_exact(sd_pipe, tmp_path):
+    path = write_kohya_lora(sd_pipe, tmp_path / "alphas.safetensors", KOHYA_ALPHAS)
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, [path])
+    pipeline_slots.load(path)
+    expected = expected_kohya_scalings(sd_pipe, KOHYA_ALPHAS)
+    assert {scaling for scaling in expected.values()} == {1.0, 0.25, 1.5, 4.0}
+    for (component, module_name), scaling in expected.items():
+        layer = getattr(pipe, component).get_submodule(module_name)
+        assert layer.scale[0].item() == scaling, (component, module_name)
+    # The factors themselves land unchanged: the layer's delta is alpha / rank * B @ A, computed by hand.
+    tensors = load_file(str(path))
+    key = "lora_te_text_model_encoder_layers_1_self_attn_q_proj"
+    layer = pipe.text_encoder.get_submodule("encoder.layers.1.self_attn.q_proj")
+    x = torch.randn(3, layer.base_layer.in_features)
+    delta = tensors[f"{key}.alpha"] / 4 * x @ tensors[f"{key}.lora_down.weight"].T @ tensors[f"{key}.lora_up.weight"].T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x[None])[0] - layer.base_layer(x), delta, atol=1e-6, rtol=1e-5)
+
+
+def failing_sources(sd_pipe, sd_files, directory):
+    """(description, source) pairs that must raise HotswapError and change nothing."""
+    data = sd_files["unet-and-te"].read_bytes()
+    truncated = directory / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    too_big = write_diffusers_lora(
+        sd_pipe, directory / "rank-16", LoraSpec(targets={"unet": ["to_v"], "text_encoder": ["fc1"]}, rank=16, seed=9)
+    )
+    # unet part valid, text-encoder part over capacity: nothing may be written, unet included
+    te_over = write_diffusers_lora(
+        sd_pipe,
+        directory / "te-over",
+        LoraSpec(targets={"unet": ["to_v"], "text_encoder": ["fc1"]}, rank=7, rank_pattern={"to_v": 2}, seed=10),
+    )
+    tensors = load_file(str(sd_files["unet-only"]))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    for role in ("lora_A", "lora_B"):
+        tensors[key.replace("down_blocks.0", "down_blocks.7").replace("lora_A", role)] = tensors[
+            key.replace("lora_A", role)
+        ].clone()
+    no_such_layer = directory / "no-such-layer.safetensors"
+    save_file(tensors, str(no_such_layer))
+    other_pipeline = {f"text_encoder_2.{k.split('.', 1)[1]}": v for k, v in load_file(str(sd_files["te-only"])).items()}
+    return [
+        ("truncated file", truncated),
+        ("rank over capacity", too_big),
+        ("text-encoder rank over capacity, unet part valid", te_over),
+        ("a layer in no component", no_such_layer),
+        ("a component the pipeline lacks", other_pipeline),
+        ("missing file", directory / "nope.safetensors"),
+    ]
+
+
+def test_failed_loads_leave_the_pipeline_bit_identical(compiled, sd_pipe, sd_files, tmp_path):
+    pipe, pipeline_slots = compiled
+    pipeline_slots.load(sd_files["kohya-te"])
+    before_output = generate(pipe)
+    before = storage_snapshot(pipeline_slots)
+    for description, source in failing_sources(sd_pipe, sd_files, tmp_path):
+        with pytest.raises(loraswap.HotswapError):
+            pipeline_slots.load(source)
+        assert_same_storage(before, pipeline_slots, description)  # every slot buffer of every component, bit for bit
+    assert torch.equal(generate(pipe), before_output)
+    assert pipeline_slots.loaded == {0: str(sd_files["kohya-te"])}
+
+
+def test_enable_lora_hotswap_drop_in(sd_pipe, sd_files, references, base_output):
+    pipe = copy.deepcopy(sd_pipe)
+    lsd.enable_lora_hotswap(pipe, target_rank=8)
+    assert type(pipe).load_lora_weights is not pipe.load_lora_weights.__func__
+    pipe.load_lora_weights(str(sd_files["unet-only"]))
+    torch.testing.assert_close(generate(pipe), references["unet-only"], atol=1e-4, rtol=0)
+    # diffusers refuses these: a text-encoder LoRA, other targets, a kohya file with per-module alphas
+    for name in ("unet-and-te", "kohya-te", "te-only"):
+        pipe.load_lora_weights(str(sd_files[name]), adapter_name="default_0", hotswap=True)
+        torch.testing.assert_close(generate(pipe), references[name], atol=1e-4, rtol=0)
+    too_big = {k: torch.cat([v] * 2, dim=0 if "lora_A" in k else 1) for k, v in load_file(str(sd_files["unet-only"])).items()}
+    with pytest.raises(loraswap.CapacityError):
+        pipe.load_lora_weights(too_big, adapter_name="default_0", hotswap=True)
+    torch.testing.assert_close(generate(pipe), references["te-only"], atol=1e-4, rtol=0)  # still loaded
+    pipe.unload_lora_weights()
+    assert torch.equal(generate(pipe), base_output)
+
+
+def test_enable_lora_hotswap_names_and_blends(sd_pipe, sd_files, references, base_output):
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.enable_lora_hotswap(pipe, target_rank=8, adapters=list(sd_files.values()), slots=2)
+    pipe.load_lora_weights(str(sd_files["unet-only"]), adapter_name="a")
+    pipe.load_lora_weights(str(sd_files["te-only"]), adapter_name="b")
+    assert pipeline_slots.loaded == {0: str(sd_files["unet-only"]), 1: str(sd_files["te-only"])}
+    torch.testing.assert_close(generate(pipe), references["te-only"], atol=1e-4, rtol=0)
+    pipe.set_adapters(["a"])
+    torch.testing.assert_close(generate(pipe), references["unet-only"], atol=1e-4, rtol=0)
+    with pytest.raises(loraswap.SlotError):
+        pipe.load_lora_weights(str(sd_files["kohya-te"]), adapter_name="c")
+    pipe.delete_adapters("a")
+    pipe.set_adapters(["b"], adapter_weights=0.0)
+    assert torch.equal(generate(pipe), base_output)
+
+
+def test_sdxl_kohya_te1_te2_match_diffusers(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    spec = LoraSpec(
+        targets={"unet": ["to_q", "proj_in"], "text_encoder": ["q_proj", "out_proj"], "text_encoder_2": ["k_proj", "out_proj", "fc2"]},
+        rank=4,
+        alpha=8,
+        seed=7,
+    )
+    path = write_kohya_lora(pipe, tmp_path / "sdxl-kohya.safetensors", spec)
+    reference = copy.deepcopy(pipe)
+    reference.load_lora_weights(str(path))
+    attached = copy.deepcopy(pipe)
+    pipeline_slots = lsd.attach(attached, path)
+    assert set(pipeline_slots.components) == {"unet", "text_encoder", "text_encoder_2"}
+    pipeline_slots.load(path)
+    expected, base = generate(reference), generate(pipe)
+    assert (expected - base).abs().max() > 1e-3  # Euler's latents are ~1e-2 here: compare at that scale
+    torch.testing.assert_close(generate(attached), expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = tiny_flux_pipeline()
+    torch.manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 4),
+        "encoder_hidden_states": torch.randn(1, 8, 32),
+        "pooled_projections": torch.randn(1, 32),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(8, 3),
+        "return_dict": False,
+    }
+    return pipe, inputs
+
+
+def flux_forward(pipe, inputs):
+    with torch.no_grad():
+        return pipe.transformer(**inputs)[0], pipe.text_encoder(torch.arange(8)[None]).last_hidden_state
+
+
+def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path):
+    pipe, inputs = flux
+    specs = {
+        "attn": LoraSpec(targets={"transformer": ["to_q", "to_v", "add_k_proj"]}, rank=4, alpha=8, seed=1),
+        "mlp-and-te": LoraSpec(
+            targets={"transformer": ["proj_mlp", "ff.net.2"], "text_encoder": ["q_proj", "out_proj"]}, rank=8, alpha=4, seed=2
+        ),
+    }
+    files = {name: write_diffusers_lora(pipe, tmp_path / name, spec) for name, spec in specs.items()}
+    files["kohya-flux"] = write_kohya_flux_lora(pipe, tmp_path / "kohya-flux.safetensors", seed=3)
+    references = {}
+    for name, path in files.items():
+        reference = copy.deepcopy(pipe)
+        reference.load_lora_weights(str(path))
+        references[name] = flux_forward(reference, inputs)
+    attached = copy.deepcopy(pipe)
+    pipeline_slots = lsd.attach(attached, list(files.values()))
+    assert set(pipeline_slots.components) == {"transformer", "text_encoder"}
+    torch._dynamo.reset()
+    attached.transformer.compile(backend="eager")
+    flux_forward(attached, inputs)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name in ["attn", "kohya-flux", "mlp-and-te", "attn"]:
+            pipeline_slots.load(files[name])
+            for got, want in zip(flux_forward(attached, inputs), references[name]):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        pipeline_slots.unload(0)
+        for got, want in zip(flux_forward(attached, inputs), flux_forward(pipe, inputs)):
+            assert torch.equal(got, want)
