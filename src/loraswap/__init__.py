@@ -24,6 +24,16 @@ from .swap import AdapterSlots
 
 __version__ = "0.1.0"
 
+_INTEGRATIONS = ("diffusers", "peft")  # optional extras: imported on first use
+
+
+def __getattr__(name: str):
+    if name in _INTEGRATIONS:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'loraswap' has no attribute {name!r}")
+
 __all__ = [
     "Adapter",
     "AdapterInfo",
