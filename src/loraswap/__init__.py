@@ -36,8 +36,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "Adapter",
-    "AdapterInfo",
     "AdapterFormatError",
+    "AdapterInfo",
     "AdapterNotFoundError",
     "AdapterSlots",
     "Capacity",

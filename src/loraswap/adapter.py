@@ -53,7 +53,7 @@ _UNSUPPORTED_KEYS = {
     "modules_to_save": "modules_to_save (whole-module copies)",
     "trainable_tokens": "trainable_token_indices",
 }
-_UNSUPPORTED_CONFIG = {
+UNSUPPORTED_CONFIG = {  # PEFT config option -> the feature a hot-swap cannot take
     "use_dora": "DoRA (use_dora=True)",
     "modules_to_save": "modules_to_save (whole-module copies)",
     "layer_replication": "layer_replication",
@@ -151,7 +151,7 @@ def check_config_supported(config: Mapping[str, Any], where: str) -> None:
         raise UnsupportedAdapterError(
             f"{where}: peft_type {peft_type!r} is not LoRA; loraswap hot-swaps LoRA adapters only"
         )
-    for option, feature in _UNSUPPORTED_CONFIG.items():
+    for option, feature in UNSUPPORTED_CONFIG.items():
         if config.get(option):
             raise UnsupportedAdapterError(
                 f"{where}: {feature} is not supported for hot-swapping ({option}={config[option]!r}); "

@@ -132,11 +132,11 @@ def union_of_ranks(adapters: Iterable[Adapter]) -> dict[str, int]:
     return ranks
 
 
-def check_targets_exist(module_names: Iterable[str], model: nn.Module) -> None:
+def check_targets_exist(module_names: Iterable[str], model: nn.Module, where: str = "the model") -> None:
     present = {name for name, _ in model.named_modules()}
     missing = sorted(set(module_names) - present)
     if missing:
         raise CapacityError(
-            f"the adapters target {len(missing)} layer(s) the model does not have, e.g. {missing[0]!r}; "
+            f"the adapters target {len(missing)} layer(s) {where} does not have, e.g. {missing[0]!r}; "
             "were they trained on another base model?"
         )

@@ -53,7 +53,7 @@ from .adapter import (
 )
 from .attach import attach as attach_model
 from .cache import AdapterCache, cache_key, default_cache_bytes
-from .capacity import Capacity, union_of_ranks
+from .capacity import Capacity, check_targets_exist, union_of_ranks
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -480,13 +480,7 @@ def capacities_for(
         if not parts:
             continue
         ranks = union_of_ranks(parts)
-        present = {module_name for module_name, _ in module.named_modules()}
-        missing = sorted(set(ranks) - present)
-        if missing:
-            raise CapacityError(
-                f"{name}: the LoRAs target {len(missing)} layer(s) it does not have, e.g. {missing[0]!r}; "
-                "were they trained for another base model?"
-            )
+        check_targets_exist(ranks, module, where=f"component {name!r}")
         extra = {} if max_batch is None else {"max_batch": max_batch}
         capacities[name] = Capacity(
             max_rank=max(max(ranks.values()), min_rank),

@@ -28,6 +28,7 @@ from .adapter import (
     PEFT_PREFIX,
     PICKLE_NAME,
     SAFETENSORS_NAME,
+    UNSUPPORTED_CONFIG,
     layer_rank_and_alpha,
     lora_scaling,
     read_config,
@@ -105,15 +106,6 @@ _OTHER_ADAPTER_MARKERS = {
     "vera_lambda": "VeRA",
     "diff_b": "full bias diffs (diff_b)",
     ".diff": "full weight diffs (.diff)",
-}
-_CONFIG_FEATURES = {
-    "use_dora": "DoRA (use_dora=True)",
-    "modules_to_save": "modules_to_save (whole-module copies)",
-    "layer_replication": "layer_replication",
-    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
-    "trainable_token_indices": "trainable_token_indices",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "use_qalora": "QALoRA (use_qalora=True)",
 }
 _ROLE_FEATURES = {"dora": "DoRA (magnitude vectors)", "tucker": "LoCon/LyCORIS mid (tucker) weights"}
 
@@ -471,7 +463,7 @@ def inspect(source: str | os.PathLike, revision: str | None = None) -> AdapterIn
         raise AdapterFormatError(f"{weights}: no complete LoRA layer (lora_A with lora_B) found")
     configs = _component_configs(config, header.metadata, weights)
     for options in configs.values():
-        unsupported += [feature for option, feature in _CONFIG_FEATURES.items() if options.get(option)]
+        unsupported += [feature for option, feature in UNSUPPORTED_CONFIG.items() if options.get(option)]
         if str(options.get("peft_type", "LORA")).upper() != "LORA":
             unsupported.append(f"peft_type {options['peft_type']!r} (not LoRA)")
     layers = {}
