@@ -72,15 +72,22 @@ class SlotLayer(nn.Module):
     def _bias_delta(self, coef: torch.Tensor) -> torch.Tensor:
         return coef.to(self.lora_bias.dtype) @ self.lora_bias
 
-    def _token_coefficients(self, batch: int, positions: int, dtype: torch.dtype) -> torch.Tensor:
-        return (coefficients(self.row_weights, self.per_token, batch, positions) * self.scale).to(dtype)
+    def _token_routing(self, batch: int, positions: int) -> torch.Tensor:
+        """Routing weights ``[positions, S]``: the same in every layer, so the compiled graph computes them once."""
+        return coefficients(self.row_weights, self.per_token, batch, positions)
 
-    def _expand(self, hidden: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """Shrunk activations ``[n, S, R]`` and ``coef [n, S]`` (routing weight times each slot's scale)
-        -> LoRA delta ``[n, out]``, bias included."""
-        delta = torch.einsum("nsr,sor->no", hidden * coef.unsqueeze(-1), self.lora_B)
+    def _expand(self, hidden: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """Shrunk activations ``[n, S, R]`` and ``routing [n, S]`` -> LoRA delta ``[n, out]``, bias included.
+
+        Each slot's scale is applied in the same elementwise step as the routing weight, so no
+        per-layer ``[n, S]`` tensor is materialised.
+        """
+        weights = (routing.unsqueeze(-1) * self.scale.unsqueeze(-1)).to(hidden.dtype)
+        slots, out, rank = self.lora_B.shape
+        lora_B = self.lora_B.permute(1, 0, 2).reshape(out, slots * rank)  # a view when slots == 1
+        delta = (hidden * weights).reshape(hidden.shape[0], slots * rank) @ lora_B.t()
         if self.lora_bias is not None:
-            delta = delta + self._bias_delta(coef)
+            delta = delta + self._bias_delta(routing * self.scale)
         return delta
 
 
@@ -98,8 +105,10 @@ class SlotLinear(SlotLayer):
             delta = self._gathered_delta(x.reshape(batch, -1, x.shape[-1]).to(self.lora_A.dtype))
         else:
             flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
-            coef = self._token_coefficients(batch, flat.shape[0], flat.dtype)
-            delta = self._expand(torch.einsum("ni,sri->nsr", flat, self.lora_A), coef)
+            routing = self._token_routing(batch, flat.shape[0])
+            slots, rank = self.lora_A.shape[:2]
+            hidden = flat @ self.lora_A.reshape(slots * rank, -1).t()  # one matmul over every slot
+            delta = self._expand(hidden.reshape(-1, slots, rank), routing)
         return result + delta.reshape(result.shape).to(result.dtype)
 
     def _gathered_delta(self, rows: torch.Tensor) -> torch.Tensor:
@@ -140,8 +149,7 @@ class SlotEmbedding(SlotLayer):
         table = self.lora_A.reshape(slots * rank, vocab).t()
         hidden = F.embedding(x, table).reshape(-1, slots, rank)
         batch = x.shape[0] if x.dim() > 1 else 1
-        coef = self._token_coefficients(batch, hidden.shape[0], hidden.dtype)
-        delta = self._expand(hidden, coef).reshape(result.shape)
+        delta = self._expand(hidden, self._token_routing(batch, hidden.shape[0])).reshape(result.shape)
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         if isinstance(embed_scale, torch.Tensor):
             delta = delta * embed_scale.to(delta.dtype)
