@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
+from loraswap import synthetic_diffusers
 from loraswap.info import FORMAT_DIFFUSERS, FORMAT_KOHYA, FORMAT_PEFT_DIR, FORMAT_PEFT_FILE
 from loraswap.synthetic import write_peft_adapter
 
@@ -18,21 +19,7 @@ UNET_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v",
 
 
 def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    ).eval()
+    return synthetic_diffusers.tiny_unet(channels=8, cross_attention_dim=8)
 
 
 def unet_lora_state_dict(rank_pattern=None):

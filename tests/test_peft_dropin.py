@@ -343,23 +343,12 @@ def test_diffusers_model_hotswap_goes_through_loraswap(monkeypatch):
     """diffusers' ``load_lora_adapter(hotswap=True)`` imports PEFT's functions at call time: with loraswap's set
     there, a compiled UNet swaps without recompiling and matches diffusers' ordinary load. (dynamo with the eager
     backend: its guards decide recompilation; inductor is exercised on the PeftModel tests.)"""
-    diffusers = pytest.importorskip("diffusers")
     from peft.utils import get_peft_model_state_dict
 
+    from loraswap.synthetic_diffusers import tiny_unet
+
     def unet():
-        torch.manual_seed(0)
-        return diffusers.UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=4,
-        ).eval()
+        return tiny_unet(channels=8, cross_attention_dim=16)
 
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     lora_state = {}

@@ -50,12 +50,12 @@ def tiny_clip_text_encoder(
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
-def tiny_sd_pipeline(channels: int = 8, text_hidden: int = 32, seed: int = 0):
-    """A random-init ``StableDiffusionPipeline`` (fp32, CPU): two-level UNet with one cross-attention block."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def tiny_unet(channels: int = 8, cross_attention_dim: int = 32, seed: int = 0):
+    """A random-init two-level ``UNet2DConditionModel`` with one cross-attention block (SD 1.5's layout)."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -63,11 +63,16 @@ def tiny_sd_pipeline(channels: int = 8, text_hidden: int = 32, seed: int = 0):
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_hidden,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=max(channels // 4, 2),
         norm_num_groups=min(channels, 4),
     ).eval()
-    vae = AutoencoderKL(
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(4, 8),
         in_channels=3,
         out_channels=3,
@@ -76,6 +81,14 @@ def tiny_sd_pipeline(channels: int = 8, text_hidden: int = 32, seed: int = 0):
         latent_channels=4,
         norm_num_groups=2,
     ).eval()
+
+
+def tiny_sd_pipeline(channels: int = 8, text_hidden: int = 32, seed: int = 0):
+    """A random-init ``StableDiffusionPipeline`` (fp32, CPU): two-level UNet with one cross-attention block."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    unet = tiny_unet(channels, cross_attention_dim=text_hidden, seed=seed)
+    vae = tiny_vae()
     tokenizer = tiny_clip_tokenizer()
     text_encoder = tiny_clip_text_encoder(len(tokenizer), hidden=text_hidden, seed=seed + 1)
     pipe = StableDiffusionPipeline(
@@ -94,7 +107,7 @@ def tiny_sd_pipeline(channels: int = 8, text_hidden: int = 32, seed: int = 0):
 
 def tiny_sdxl_pipeline(channels: int = 8, text_hidden: int = 16, seed: int = 0):
     """A random-init ``StableDiffusionXLPipeline``: two CLIP text encoders (the second with projection)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -114,15 +127,7 @@ def tiny_sdxl_pipeline(channels: int = 8, text_hidden: int = 16, seed: int = 0):
         projection_class_embeddings_input_dim=text_hidden + 6 * 8,
         norm_num_groups=min(channels, 4),
     ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(4, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=2,
-    ).eval()
+    vae = tiny_vae()
     tokenizer = tiny_clip_tokenizer()
     text_encoder = tiny_clip_text_encoder(len(tokenizer), hidden=text_hidden, seed=seed + 1)
     text_encoder_2 = tiny_clip_text_encoder(len(tokenizer), hidden=text_hidden, seed=seed + 2, with_projection=True)
