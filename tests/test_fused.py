@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_layer_types import tiny_gpt2
 from torch import nn
 
 import loraswap
@@ -233,13 +234,6 @@ class ConvNet(nn.Module):
         image = torch.relu(self.conv2d(hidden.unsqueeze(-1).expand(-1, -1, -1, 4)))
         volume = torch.relu(self.conv3d(image.unsqueeze(2)))
         return self.head(volume.mean(dim=(2, 3, 4)))
-
-
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
 
 
 def conv_net() -> nn.Module:

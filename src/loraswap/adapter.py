@@ -180,13 +180,8 @@ def split_lora_key(key: str) -> tuple[str, str]:
     )
 
 
-def group_lora_keys(keys, source: str) -> dict[str, dict[str, str]]:
-    """Module name -> {role: key}, checking every module has both A and B."""
-    modules: dict[str, dict[str, str]] = {}
-    for key in keys:
-        module, role = split_lora_key(key)
-        if role != "base_weight":
-            modules.setdefault(module, {})[role] = key
+def check_pairs_complete(modules: Mapping[str, Mapping[str, str]], source: str) -> None:
+    """Raise :class:`AdapterFormatError` for a layer that has ``lora_A`` without ``lora_B`` or the reverse."""
     for module, roles in modules.items():
         missing = {"lora_A", "lora_B"} - roles.keys()
         if missing:
@@ -194,6 +189,16 @@ def group_lora_keys(keys, source: str) -> dict[str, dict[str, str]]:
                 f"{source}: layer {module!r} has no {' or '.join(sorted(missing))} tensor; "
                 "the file is incomplete or not a LoRA adapter"
             )
+
+
+def group_lora_keys(keys, source: str) -> dict[str, dict[str, str]]:
+    """Module name -> {role: key}, checking every module has both A and B."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        module, role = split_lora_key(key)
+        if role != "base_weight":
+            modules.setdefault(module, {})[role] = key
+    check_pairs_complete(modules, source)
     if not modules:
         raise AdapterFormatError(f"{source}: no LoRA tensors found; is this a LoRA adapter?")
     return modules

@@ -29,6 +29,7 @@ from .adapter import (
     PICKLE_NAME,
     SAFETENSORS_NAME,
     UNSUPPORTED_CONFIG,
+    check_pairs_complete,
     layer_rank_and_alpha,
     lora_scaling,
     read_config,
@@ -345,13 +346,7 @@ def _group_keys(header: SafetensorsHeader, file_format: str) -> tuple[dict[str, 
     if unknown:
         unsupported.add(f"{len(unknown)} key(s) that are not LoRA tensors, e.g. {unknown[0]!r}")
     lora_modules = {name: roles for name, roles in modules.items() if roles.keys() & {"lora_A", "lora_B"}}
-    for name, roles in lora_modules.items():
-        missing = {"lora_A", "lora_B"} - roles.keys()
-        if missing:
-            raise AdapterFormatError(
-                f"{header.path}: layer {name!r} has no {' or '.join(sorted(missing))} tensor; "
-                "the file is incomplete or not a LoRA adapter"
-            )
+    check_pairs_complete(lora_modules, str(header.path))
     return lora_modules, sorted(unsupported)
 
 
