@@ -15,7 +15,7 @@ from torch import nn
 import loraswap
 from loraswap.errors import CapacityError, ModeError, NonFiniteError, SlotError
 from loraswap.fused import FusedSlots
-from loraswap.synthetic import peft_reference, write_adapters
+from loraswap.synthetic import peft_reference, tiny_llama, write_adapters
 
 ATOL = 1e-4
 
@@ -300,17 +300,7 @@ def test_convs_that_cannot_hold_a_merged_lora_are_refused(layer, message):
 
 
 def test_tied_weights_are_refused():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(hidden=16, layers=1, vocab=32, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with pytest.raises(ModeError, match="'model.embed_tokens': its weight is shared with \\['lm_head.weight'\\]"):
         loraswap.attach(model, loraswap.Capacity(max_rank=4, target_modules=["embed_tokens"]), mode="fused")
