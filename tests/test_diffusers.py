@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 
 import pytest
 import torch
@@ -176,6 +177,26 @@ def test_directory_and_state_dict_sources_match_diffusers(compiled, sd_pipe, sd_
     with loraswap.no_recompile():
         pipeline_slots.load(state_dict)
         torch.testing.assert_close(generate(pipe), generate(reference), atol=1e-4, rtol=0)
+
+
+def test_hub_id_resolves_offline_from_the_local_cache(compiled, sd_files, references, tmp_path, monkeypatch):
+    """A hub id goes through diffusers' own resolution (here: the offline HF cache), as load_lora_weights does."""
+    import huggingface_hub.constants as hub_constants
+
+    repo = tmp_path / "models--someone--sd-lora"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(sd_files["kohya-te"], snapshot / "pytorch_lora_weights.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    pipe, pipeline_slots = compiled
+    with loraswap.no_recompile():
+        pipeline_slots.load("someone/sd-lora", weight_name="pytorch_lora_weights.safetensors")
+        torch.testing.assert_close(generate(pipe), references["kohya-te"], atol=1e-4, rtol=0)
+    with pytest.raises(loraswap.AdapterNotFoundError):
+        pipeline_slots.load("someone/absent-lora", weight_name="pytorch_lora_weights.safetensors")
 
 
 def test_peft_directory_goes_to_the_component_it_fits(sd_pipe, tmp_path):
@@ -369,3 +390,71 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path):
         pipeline_slots.unload(0)
         for got, want in zip(flux_forward(attached, inputs), flux_forward(pipe, inputs)):
             assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused mode: the LoRA merged into the unet and text-encoder weights
+
+
+def component_weights(pipe):
+    return {
+        (component, name): tensor.clone()
+        for component in ("unet", "text_encoder")
+        for name, tensor in getattr(pipe, component).state_dict().items()
+    }
+
+
+def assert_same_weights(before, pipe, description):
+    after = component_weights(pipe)
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert not changed, (description, changed[:3])
+
+
+@pytest.fixture(scope="module")
+def compiled_fused(sd_pipe, sd_files):
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, list(sd_files.values()), mode="fused")
+    torch._dynamo.reset()
+    pipe.unet.compile(backend="eager")
+    pipe.text_encoder.compile(backend="eager")
+    generate(pipe)
+    return pipe, pipeline_slots
+
+
+def test_fused_pipeline_swaps_match_diffusers_and_unload_restores_the_weights(
+    compiled_fused, sd_pipe, sd_files, references, base_output
+):
+    pipe, pipeline_slots = compiled_fused
+    assert isinstance(pipeline_slots, lsd.FusedPipelineSlots)
+    order = list(sd_files)
+    random.Random(1).shuffle(order)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name in order + order[:2]:
+            pipeline_slots.load(sd_files[name])
+            torch.testing.assert_close(generate(pipe), references[name], atol=1e-4, rtol=0)
+        pipeline_slots.unload(0)
+        assert torch.equal(generate(pipe), base_output)
+    assert_same_weights(component_weights(sd_pipe), pipe, "after unload")
+    with pytest.raises(loraswap.ModeError, match="fused mode"):
+        pipeline_slots.route([0])
+    with pytest.raises(loraswap.ModeError, match="fused mode"):
+        pipeline_slots.blend({0: 1.0})
+
+
+def test_fused_pipeline_failed_loads_leave_the_weights_bit_identical(compiled_fused, sd_pipe, sd_files, tmp_path):
+    """Validation failures write nothing; a text-encoder merge that overflows float32 after the unet part
+    was merged makes the unet merge back to the previous LoRA."""
+    pipe, pipeline_slots = compiled_fused
+    pipeline_slots.load(sd_files["kohya-te"])
+    before_output = generate(pipe)
+    before = component_weights(pipe)
+    tensors = load_file(str(sd_files["unet-and-te"]))
+    overflowing = {key: value * 1e20 if key.startswith("text_encoder.") else value for key, value in tensors.items()}
+    save_file(overflowing, str(tmp_path / "overflow.safetensors"))
+    sources = [*failing_sources(sd_pipe, sd_files, tmp_path), ("text-encoder merge overflows", tmp_path / "overflow.safetensors")]
+    for description, source in sources:
+        with pytest.raises(loraswap.HotswapError):
+            pipeline_slots.load(source)
+        assert_same_weights(before, pipe, description)
+    assert torch.equal(generate(pipe), before_output)
+    assert pipeline_slots.loaded == {0: str(sd_files["kohya-te"])}

@@ -135,7 +135,7 @@ def bench_swap(
 @bench_app.command("forward")
 def bench_forward(
     sets: str = typer.Option("ab", help="Adapter sets to run: a (ranks 8-64), b (one rank-128 layer type, others 4-8)."),
-    rounds: int = typer.Option(30, help="Alternating timing rounds."),
+    rounds: int = typer.Option(60, help="Alternating timing rounds."),
     seq: int = typer.Option(128, help="Tokens per forward (batch 1)."),
     threads: int = typer.Option(1, help="torch threads (1: steadier on a shared CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -150,7 +150,7 @@ def bench_forward(
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    rounds: int = typer.Option(2, help="Cycles through the four LoRAs, plus one; each mode's first request (its compilation) is reported apart."),
+    rounds: int = typer.Option(3, help="Cycles through the four LoRAs, plus one; each mode's first request (its compilation) is reported apart."),
     steps: int = typer.Option(4, help="Denoising steps per request."),
     channels: int = typer.Option(32, help="UNet block_out_channels[0] (the model size)."),
     size: int = typer.Option(32, help="Image height and width in pixels (latents are half that)."),

@@ -22,6 +22,10 @@ where diffusers 0.42 gets a kohya file wrong are done differently here:
 A load is transactional across the pipeline: every component's part is read, validated and
 padded before any slot is written.
 
+``attach(..., mode="fused")`` gives a :class:`FusedPipelineSlots` instead: each load merges the LoRA
+into the components' own weights (core fused mode), so denoising steps cost what the base pipeline
+costs, for one merge per swap; it suits serving one LoRA per request.
+
 ``enable_lora_hotswap(pipe, target_rank=...)`` is the drop-in for diffusers users: it attaches
 and routes the pipeline's own ``load_lora_weights``, ``unload_lora_weights``, ``set_adapters``
 and ``delete_adapters`` to loraswap (see its docstring).
@@ -38,7 +42,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from safetensors import SafetensorError
@@ -61,6 +65,7 @@ from .errors import (
     HotswapError,
     SlotError,
 )
+from .fused import FusedAdapter, FusedSlots
 from .layers import SlotLayer
 from .layout import PackedAdapter
 from .routing import BlendWeights
@@ -97,7 +102,7 @@ class PipelineAdapter:
 class PackedPipelineAdapter:
     """A pipeline adapter laid out as one slot row per component (None: the adapter leaves it alone)."""
 
-    components: Mapping[str, PackedAdapter | None]
+    components: Mapping[str, PackedAdapter | FusedAdapter | None]
     source: str
 
     @property
@@ -356,19 +361,17 @@ class PipelineSlots:
         return self.cache.get_or_build(key, build, keep_alive)
 
     def pack(self, adapter: PipelineAdapter) -> PackedPipelineAdapter:
-        """Validate every component's part (all of them, before packing any), then pad each into its layout."""
+        """Validate and lay out every component's part (host memory only: nothing is written before all succeed)."""
         for name in adapter.components:
             if name not in self.components:
                 raise CapacityError(
                     f"{adapter.source}: targets {name!r}, which attach() gave no slots; attach with this LoRA among "
                     f"the adapters (or a capacity for {name!r})"
                 )
-        for name, part in adapter.components.items():
-            self.components[name].layout.validate(part)
-        packed: dict[str, PackedAdapter | None] = {}
-        for name, slots in self.components.items():
-            part = adapter.components.get(name)
-            packed[name] = None if part is None else slots.layout.pack(part, pin_memory=slots._pin)
+        packed = {
+            name: None if (part := adapter.components.get(name)) is None else component.pack(part)
+            for name, component in self.components.items()
+        }
         return PackedPipelineAdapter(packed, adapter.source)
 
     def load(self, source: PipelineSource, slot: int = 0, *, allow_pickle: bool = False, **hub_kwargs: Any) -> None:
@@ -378,9 +381,13 @@ class PipelineSlots:
         for component in self.components.values():
             component._check_layout()
         with self._all_locks():
-            for name, component in self.components.items():
-                _write_slot(component, packed.components[name], slot)
+            self._write(packed, slot)
             self._loaded[slot] = packed.source
+
+    def _write(self, packed: PackedPipelineAdapter, slot: int) -> None:
+        """Every component's part into ``slot``; slot-mode copies cannot fail once packed."""
+        for name, component in self.components.items():
+            _write_slot(component, packed.components[name], slot)
 
     def prefetch(self, source: PipelineSource, *, allow_pickle: bool = False, **hub_kwargs: Any) -> Future:
         """Read, validate and pad ``source`` into the host cache on a background thread."""
@@ -435,6 +442,46 @@ class PipelineSlots:
         return f"PipelineSlots({parts}, slots={self.slots}, loaded={self._loaded})"
 
 
+class FusedPipelineSlots(PipelineSlots):
+    """:class:`PipelineSlots` whose components run in fused mode (:class:`~loraswap.FusedSlots`): the active
+    LoRA is merged into the unet/transformer and text-encoder weights, so a denoising step costs exactly
+    the base pipeline's. ``route`` and ``blend`` raise :class:`~loraswap.ModeError`.
+
+    A merge can still fail after validation when a merged weight overflows its dtype; the failing
+    component restores itself, and the components merged before it are merged back here, so a load
+    or activate completes in every component or changes none.
+    """
+
+    components: dict[str, FusedSlots]
+
+    def _write(self, packed: PackedPipelineAdapter, slot: int) -> None:
+        previous = {name: component.staged_in(slot) for name, component in self.components.items()}
+        self._in_every_component(
+            lambda name, component: _write_slot(component, packed.components[name], slot),
+            undo=lambda name, component: _write_slot(component, previous[name], slot),
+        )
+
+    def activate(self, slot: int) -> None:
+        self._check_slot(slot)
+        with self._all_locks():
+            previous = {name: component.active for name, component in self.components.items()}
+            self._in_every_component(
+                lambda name, component: component.activate(slot),
+                undo=lambda name, component: component.activate(previous[name]),
+            )
+
+    def _in_every_component(self, step, undo) -> None:
+        done = []
+        try:
+            for name, component in self.components.items():
+                step(name, component)
+                done.append((name, component))
+        except BaseException:
+            for name, component in reversed(done):
+                undo(name, component)
+            raise
+
+
 class _Locks:
     def __init__(self, locks) -> None:
         self.locks = locks
@@ -448,14 +495,12 @@ class _Locks:
             lock.release()
 
 
-def _write_slot(component: AdapterSlots, packed: PackedAdapter | None, slot: int) -> None:
-    """Copy one component's packed row into ``slot`` (or empty it), as ``AdapterSlots.load`` does; the caller
-    holds ``component.lock``, so no forward of that component sees the row half written."""
+def _write_slot(component: AdapterSlots | FusedSlots, packed: PackedAdapter | FusedAdapter | None, slot: int) -> None:
+    """One component's part into ``slot``, or empty the slot where the LoRA leaves the component alone."""
     if packed is None:
         component.unload(slot)
-        return
-    with component._write_lock:
-        component._copy_into(slot, packed, slot_is_read=slot in component._read_slots)
+    else:
+        component.load_packed(packed, slot)
 
 
 def capacities_for(
@@ -498,6 +543,7 @@ def attach(
     adapters_or_capacity: Iterable[PipelineSource] | Capacity | Mapping[str, Capacity],
     slots: int = 1,
     *,
+    mode: Literal["slots", "fused"] = "slots",
     per_layer_rank: bool = False,
     cache_bytes: int | None = None,
     allow_pickle: bool = False,
@@ -510,6 +556,9 @@ def attach(
     The adapters given are read once and kept packed in the host cache. ``per_layer_rank=True`` sizes
     each layer to the largest rank the adapters give it (less padded compute; a later LoRA of
     higher rank there does not fit).
+
+    ``mode="fused"`` merges the active LoRA into the components' weights instead (a
+    :class:`FusedPipelineSlots`): no per-step cost, a merge per swap, no ``route``/``blend``.
     """
     components = lora_components(pipe)
     _refuse_peft_layers(components)
@@ -534,9 +583,9 @@ def attach(
         raise CapacityError(f"{unknown[0]!r} is not a LoRA-loadable component of this pipeline ({sorted(components)})")
     cache = AdapterCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
     attached = {
-        name: attach_model(components[name], capacity, cache_bytes=0) for name, capacity in capacities.items()
+        name: attach_model(components[name], capacity, mode=mode, cache_bytes=0) for name, capacity in capacities.items()
     }
-    pipeline_slots = PipelineSlots(pipe, attached, cache)
+    pipeline_slots = (FusedPipelineSlots if mode == "fused" else PipelineSlots)(pipe, attached, cache)
     for source, adapter in read:
         key = _cache_key(source, {})
         if key is not None:

@@ -248,11 +248,12 @@ class FusedSlots:
         fused = self.cache.get(key)
         if fused is None:
             adapter = load_adapter(source, allow_pickle=allow_pickle)
-            fused = self._pack(adapter)
+            fused = self.pack(adapter)
             self.cache.put(key, fused, keep_alive=source if isinstance(source, Adapter) else None)
         return fused
 
-    def _pack(self, adapter: Adapter) -> FusedAdapter:
+    def pack(self, adapter: Adapter) -> FusedAdapter:
+        """Validate ``adapter`` and convert it to merge form (host memory; no weight is written)."""
         self.layout.validate(adapter)
         for name, layer in adapter.layers.items():
             if layer.lora_bias is not None and self.targets[name].pristine_bias is None:
@@ -281,12 +282,20 @@ class FusedSlots:
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Merge ``source`` into the weights (into the active slot), or stage it for ``activate(slot)``."""
         self._check_slot(slot)
-        fused = self.packed(source, allow_pickle=allow_pickle)
+        self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+
+    def load_packed(self, fused: FusedAdapter, slot: int = 0) -> None:
+        """Merge (or stage) an adapter that :meth:`pack` (or :meth:`packed`) prepared: the write half of ``load``."""
+        self._check_slot(slot)
         with self.lock:
             self._check_layout()
             if slot == self._active:
                 self._merge(fused)
             self._staged[slot] = fused
+
+    def staged_in(self, slot: int) -> FusedAdapter | None:
+        """The adapter staged in ``slot`` (merged, when ``slot`` is the active one)."""
+        return self._staged.get(slot)
 
     def prefetch(self, source: AdapterSource, *, allow_pickle: bool = False) -> Future:
         """Read, validate and convert ``source`` into the host cache on a background thread."""

@@ -79,13 +79,18 @@ class SlotLayer(nn.Module):
     def _expand(self, hidden: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """Shrunk activations ``[n, S, R]`` and ``routing [n, S]`` -> LoRA delta ``[n, out]``, bias included.
 
-        Each slot's scale is applied in the same elementwise step as the routing weight, so no
-        per-layer ``[n, S]`` tensor is materialised.
+        With one slot, the routing weight times the scale is one scalar per row, applied to the output
+        where it fuses into the residual add (PEFT's order, ``B(Ax) * scale``); with several, each
+        slot's weight multiplies its shrunk activations, and one expand matmul sums the slots.
         """
-        weights = (routing.unsqueeze(-1) * self.scale.unsqueeze(-1)).to(hidden.dtype)
         slots, out, rank = self.lora_B.shape
-        lora_B = self.lora_B.permute(1, 0, 2).reshape(out, slots * rank)  # a view when slots == 1
-        delta = (hidden * weights).reshape(hidden.shape[0], slots * rank) @ lora_B.t()
+        if slots == 1:
+            delta = hidden.reshape(-1, rank) @ self.lora_B[0].t()
+            delta = delta * (routing * self.scale).to(delta.dtype)
+        else:
+            weights = (routing.unsqueeze(-1) * self.scale.unsqueeze(-1)).to(hidden.dtype)
+            lora_B = self.lora_B.permute(1, 0, 2).reshape(out, slots * rank)
+            delta = (hidden * weights).reshape(hidden.shape[0], slots * rank) @ lora_B.t()
         if self.lora_bias is not None:
             delta = delta + self._bias_delta(routing * self.scale)
         return delta
@@ -179,8 +184,12 @@ class SlotConv(SlotLayer):
         batch = hidden.shape[0]
         spatial = hidden.shape[2:]
         coef = (row_coefficients(self.row_weights, batch) * self.scale).to(hidden.dtype)
-        hidden = hidden.reshape(batch, slots, rank, -1) * coef[:, :, None, None]
-        delta = torch.einsum("bsrp,sor->bop", hidden, self.lora_B).reshape(batch, -1, *spatial)
+        if slots == 1:  # scale the output instead: it fuses into the residual add
+            delta = torch.einsum("brp,or->bop", hidden.reshape(batch, rank, -1), self.lora_B[0]) * coef[:, :, None]
+        else:
+            hidden = hidden.reshape(batch, slots, rank, -1) * coef[:, :, None, None]
+            delta = torch.einsum("bsrp,sor->bop", hidden, self.lora_B)
+        delta = delta.reshape(batch, -1, *spatial)
         if self.lora_bias is not None:
             delta = delta + self._bias_delta(coef).reshape(batch, -1, *([1] * len(spatial)))
         return result + delta.to(result.dtype)

@@ -99,11 +99,14 @@ class AdapterSlots:
         """The adapter in slot layout: from the cache, else read, validated, padded and cached."""
 
         def build() -> PackedAdapter:
-            adapter = load_adapter(source, allow_pickle=allow_pickle)
-            return self.layout.pack(adapter, pin_memory=self._pin)
+            return self.pack(load_adapter(source, allow_pickle=allow_pickle))
 
         keep_alive = source if isinstance(source, Adapter) else None
         return self.cache.get_or_build(cache_key(source), build, keep_alive)
+
+    def pack(self, adapter: Adapter) -> PackedAdapter:
+        """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
+        return self.layout.pack(adapter, pin_memory=self._pin)
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation.
@@ -111,7 +114,11 @@ class AdapterSlots:
         Safe while forwards run when no row reads ``slot``; otherwise it waits for ``lock``.
         """
         self.router.check_slot(slot)
-        packed = self.packed(source, allow_pickle=allow_pickle)
+        self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+
+    def load_packed(self, packed: PackedAdapter, slot: int = 0) -> None:
+        """Copy an adapter that :meth:`pack` (or :meth:`packed`) prepared into ``slot``: the write half of ``load``."""
+        self.router.check_slot(slot)
         self._check_layout()
         with self._write_lock:
             if slot not in self._read_slots:

@@ -10,7 +10,11 @@ prepared model. Two adapter sets:
 - (b) one adapter of rank 128 on ``q_proj`` (rank 8 elsewhere) and three of ranks 4-8: the uniform
   capacity pads every layer to 128, the per-layer one only ``q_proj``.
 
-Overhead is a mode's median forward minus the base model's. Swap times cycle through the set:
+Overhead is a mode's median forward minus the base model's. Whether slots cost more than PEFT is
+judged on the per-round differences (slots minus PEFT, timed back to back in each round): their
+median and 95% confidence interval; the target counts as met unless the whole interval lies above
+zero (slots measurably slower). Uniform capacity computes exactly PEFT's padded matmuls, so there
+the two are expected to tie and the interval to straddle zero. Swap times cycle through the set:
 loraswap ``load`` from its host cache, fused ``load`` (a merge), PEFT's ``hotswap_adapter``. After
 each swap every mode's output is compared with PEFT's eager model, and recompilations are counted.
 Timings use one torch thread by default (``--threads``): steadier on a shared CPU.
@@ -36,7 +40,7 @@ from ..capacity import Capacity
 from ..compile_guard import CompileCounter
 from ..synthetic import LLAMA_PROJECTIONS, peft_reference, tiny_llama, write_adapters
 from .report import format_seconds, plot_bars, print_table
-from .timing import alternating_medians
+from .timing import alternating_samples, paired_difference
 
 VOCAB = 1024
 ADAPTER_SETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -154,10 +158,11 @@ def run_set(set_name: str, rounds: int, batch: int, seq: int, swap_cycles: int, 
         modes = build_modes(base, paths)
         for mode in modes.values():
             mode.compiled(tokens)  # compile outside the timed rounds
-        forward = alternating_medians(
+        samples = alternating_samples(
             {name: (lambda m=mode: m.compiled(tokens)) for name, mode in modes.items()}, rounds=rounds, warmup=3
         )
         swaps = measure_swaps(modes, references, tokens, swap_cycles)
+    forward = {name: statistics.median(values) for name, values in samples.items()}
     base_s = forward[BASE]
     overhead = {name: seconds - base_s for name, seconds in forward.items() if name != BASE}
     return {
@@ -170,6 +175,10 @@ def run_set(set_name: str, rounds: int, batch: int, seq: int, swap_cycles: int, 
         "forward_median_s": forward,
         "vs_base": {name: seconds / base_s for name, seconds in forward.items()},
         "overhead_s": overhead,
+        "minus_peft_per_round_s": {
+            name: dict(zip(("median", "ci95_low", "ci95_high"), paired_difference(samples[name], samples[PEFT])))
+            for name in (UNIFORM, PER_LAYER)
+        },
         **swaps,
     }
 
@@ -179,14 +188,17 @@ def check_targets(sets: Mapping[str, dict]) -> list[dict[str, Any]]:
     targets = []
     for set_name, result in sets.items():
         overhead = result["overhead_s"]
-        targets.append(
-            {
-                "target": f"({set_name}) slots overhead <= PEFT's",
-                "measured": f"uniform {format_seconds(overhead[UNIFORM])}, per-layer {format_seconds(overhead[PER_LAYER])}, "
-                f"PEFT {format_seconds(overhead[PEFT])}",
-                "met": overhead[UNIFORM] <= overhead[PEFT] and overhead[PER_LAYER] <= overhead[PEFT],
-            }
-        )
+        for mode in (UNIFORM, PER_LAYER):
+            difference = result["minus_peft_per_round_s"][mode]
+            targets.append(
+                {
+                    "target": f"({set_name}) {mode} overhead <= PEFT's",
+                    "measured": f"{format_seconds(overhead[mode])} vs {format_seconds(overhead[PEFT])}; per round "
+                    f"{format_seconds(difference['median'])} [{format_seconds(difference['ci95_low'])}, "
+                    f"{format_seconds(difference['ci95_high'])}]",
+                    "met": difference["ci95_low"] <= 0,
+                }
+            )
         targets.append(
             {
                 "target": f"({set_name}) fused within 3% of base",
@@ -208,7 +220,7 @@ def check_targets(sets: Mapping[str, dict]) -> list[dict[str, Any]]:
 
 
 def run_forward(
-    sets: str = "ab", rounds: int = 30, batch: int = 1, seq: int = 128, swap_cycles: int = 3, threads: int | None = 1
+    sets: str = "ab", rounds: int = 60, batch: int = 1, seq: int = 128, swap_cycles: int = 3, threads: int | None = 1
 ) -> dict[str, Any]:
     """Run the benchmark on the named adapter sets; medians in seconds.
 

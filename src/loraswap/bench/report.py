@@ -12,9 +12,9 @@ from rich.table import Table
 
 
 def format_seconds(seconds: float) -> str:
-    if seconds < 1e-3:
+    if abs(seconds) < 1e-3:
         return f"{seconds * 1e6:.1f} us"
-    if seconds < 1:
+    if abs(seconds) < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
 

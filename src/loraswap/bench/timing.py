@@ -1,36 +1,52 @@
-"""Timing helpers: medians of repeated calls, modes timed in alternating rounds."""
+"""Timing helpers: modes timed in alternating rounds, medians, and paired differences with a confidence interval."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 
-def median_seconds(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def alternating_samples(
+    modes: Mapping[str, Callable[[], object]], rounds: int = 10, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds of one call of each mode per round, ``rounds`` rounds.
 
-
-def alternating_medians(modes: Mapping[str, Callable[[], object]], rounds: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per mode, timing one call of each mode per round, in turn.
-
-    Alternating keeps a drift in machine speed (other tenants, thermal) from favouring one mode.
+    Alternating keeps a drift in machine speed (other tenants, thermal) from favouring one mode; the
+    order rotates every round so that no mode always runs right after the same other one.
     """
     for _ in range(warmup):
         for fn in modes.values():
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in modes}
-    for _ in range(rounds):
-        for name, fn in modes.items():
+    names = list(modes)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            modes[name]()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def alternating_medians(modes: Mapping[str, Callable[[], object]], rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per mode over :func:`alternating_samples`."""
+    return {name: statistics.median(values) for name, values in alternating_samples(modes, rounds, warmup).items()}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(median, low, high)`` of the per-round differences ``a[i] - b[i]``, with a distribution-free
+    confidence interval for that median (order statistics of the differences; sign-test bounds).
+
+    Pairing by round cancels what the machine did during that round, so two modes with the same cost
+    give an interval around 0 even when the absolute times drift.
+    """
+    differences = sorted(x - y for x, y in zip(a, b, strict=True))
+    n = len(differences)
+    tail = (1 - confidence) / 2
+    k = 0  # the largest k with P(Binomial(n, 1/2) < k) <= tail; the interval is the k-th smallest to k-th largest
+    while k < n // 2 and sum(math.comb(n, i) for i in range(k + 1)) / 2**n <= tail:
+        k += 1
+    low, high = (differences[k - 1], differences[n - k]) if k else (differences[0], differences[-1])
+    return statistics.median(differences), low, high
