@@ -193,9 +193,15 @@ def test_hub_id_resolves_offline_from_the_local_cache(compiled, sd_files, refere
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     pipe, pipeline_slots = compiled
     with loraswap.no_recompile():
-        pipeline_slots.load("someone/sd-lora", weight_name="pytorch_lora_weights.safetensors")
-        torch.testing.assert_close(generate(pipe), references["kohya-te"], atol=1e-4, rtol=0)
-    with pytest.raises(loraswap.AdapterNotFoundError):
+        for weight_name in ("pytorch_lora_weights.safetensors", None):  # None: diffusers picks the file, locally
+            misses = pipeline_slots.cache.misses
+            pipeline_slots.load("someone/sd-lora", weight_name=weight_name)
+            torch.testing.assert_close(generate(pipe), references["kohya-te"], atol=1e-4, rtol=0)
+            pipeline_slots.load(sd_files["unet-only"])
+            pipeline_slots.load("someone/sd-lora", weight_name=weight_name)  # the second load comes from the cache
+            assert pipeline_slots.cache.misses == misses + 1
+            torch.testing.assert_close(generate(pipe), references["kohya-te"], atol=1e-4, rtol=0)
+    with pytest.raises(loraswap.AdapterNotFoundError, match="not resolvable as a hub id"):
         pipeline_slots.load("someone/absent-lora", weight_name="pytorch_lora_weights.safetensors")
 
 
@@ -320,7 +326,8 @@ def test_enable_lora_hotswap_names_and_blends(sd_pipe, sd_files, references, bas
     assert torch.equal(generate(pipe), base_output)
 
 
-def test_sdxl_kohya_te1_te2_match_diffusers(tmp_path):
+@pytest.mark.parametrize("mode", ["slots", "fused"])
+def test_sdxl_kohya_te1_te2_match_diffusers(tmp_path, mode):
     pipe = tiny_sdxl_pipeline()
     spec = LoraSpec(
         targets={"unet": ["to_q", "proj_in"], "text_encoder": ["q_proj", "out_proj"], "text_encoder_2": ["k_proj", "out_proj", "fc2"]},
@@ -332,7 +339,7 @@ def test_sdxl_kohya_te1_te2_match_diffusers(tmp_path):
     reference = copy.deepcopy(pipe)
     reference.load_lora_weights(str(path))
     attached = copy.deepcopy(pipe)
-    pipeline_slots = lsd.attach(attached, path)
+    pipeline_slots = lsd.attach(attached, path, mode=mode)
     assert set(pipeline_slots.components) == {"unet", "text_encoder", "text_encoder_2"}
     pipeline_slots.load(path)
     expected, base = generate(reference), generate(pipe)
@@ -361,7 +368,8 @@ def flux_forward(pipe, inputs):
         return pipe.transformer(**inputs)[0], pipe.text_encoder(torch.arange(8)[None]).last_hidden_state
 
 
-def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path):
+@pytest.mark.parametrize("mode", ["slots", "fused"])
+def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     pipe, inputs = flux
     specs = {
         "attn": LoraSpec(targets={"transformer": ["to_q", "to_v", "add_k_proj"]}, rank=4, alpha=8, seed=1),
@@ -377,7 +385,7 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path):
         reference.load_lora_weights(str(path))
         references[name] = flux_forward(reference, inputs)
     attached = copy.deepcopy(pipe)
-    pipeline_slots = lsd.attach(attached, list(files.values()))
+    pipeline_slots = lsd.attach(attached, list(files.values()), mode=mode)
     assert set(pipeline_slots.components) == {"transformer", "text_encoder"}
     torch._dynamo.reset()
     attached.transformer.compile(backend="eager")

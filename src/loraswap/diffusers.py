@@ -148,6 +148,7 @@ def read_pipeline_adapter(
         adapter = load_adapter(source, allow_pickle=allow_pickle)
         return PipelineAdapter({_component_for(adapter, components): adapter}, adapter.source)
     label = _label(source)
+    source, hub_kwargs = resolve_hub_id(source, hub_kwargs, allow_pickle)
     state_dict, network_alphas, metadata = _diffusers_state_dict(pipe, source, label, allow_pickle, hub_kwargs)
     _check_prefixes(state_dict, components, label)
     adapters = {}
@@ -237,6 +238,43 @@ def _to_peft_keys(state_dict, text_encoder: bool, module: nn.Module) -> dict[str
     return converted
 
 
+# keyword arguments of load_lora_weights that say where to download from, not how to read
+HUB_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "force_download", "proxies", "local_files_only")
+
+
+def resolve_hub_id(
+    source: PipelineSource, hub_kwargs: Mapping[str, Any], allow_pickle: bool = False
+) -> tuple[PipelineSource, dict[str, Any]]:
+    """A hub id -> its local copy through huggingface_hub (the file ``weight_name`` names, else the repo's
+    weight files), plus the read options left for diffusers; any other source comes back unchanged.
+
+    Resolving before reading gives the host cache a file to stamp, so a hub id loads from the cache
+    like a path does, and offline (``HF_HUB_OFFLINE=1``) it reads the local HF cache only.
+    """
+    if not isinstance(source, (str, os.PathLike)) or Path(source).expanduser().exists():
+        return source, dict(hub_kwargs)
+    repo_id = os.fspath(source)
+    if not HUB_ID.match(repo_id):
+        return source, dict(hub_kwargs)
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    download = {key: value for key, value in hub_kwargs.items() if key in HUB_DOWNLOAD_KWARGS}
+    read = {key: value for key, value in hub_kwargs.items() if key not in HUB_DOWNLOAD_KWARGS}
+    subfolder = read.pop("subfolder", None)
+    try:
+        if read.get("weight_name"):
+            return hf_hub_download(repo_id, read.pop("weight_name"), subfolder=subfolder, **download), read
+        patterns = ["*.safetensors", "*.bin"] if allow_pickle else ["*.safetensors"]
+        if subfolder:
+            patterns = [f"{subfolder}/{pattern}" for pattern in patterns]
+        return snapshot_download(repo_id, allow_patterns=patterns, **download), {**read, "subfolder": subfolder}
+    except Exception as err:  # huggingface_hub raises a family of HTTP, offline and cache errors
+        raise AdapterNotFoundError(
+            f"{repo_id}: not a local path and not resolvable as a hub id ({type(err).__name__}: {err}); "
+            "download it first, or check the name, weight_name and HF_HUB_OFFLINE / HF_HOME"
+        ) from err
+
+
 def _diffusers_state_dict(pipe, source, label: str, allow_pickle: bool, hub_kwargs: Mapping[str, Any]):
     """``(state_dict, network_alphas, metadata)`` from the pipeline class's own ``lora_state_dict``."""
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
@@ -307,15 +345,20 @@ def _label(source) -> str:
 
 
 def _cache_key(source: PipelineSource, hub_kwargs: Mapping[str, Any]) -> Hashable | None:
-    """A path's (or hub snapshot's) file stamp plus the read options; None (never cached) for in-memory dicts."""
+    """The stamps of the files a read would use (a hub id's local copy included) plus the read options;
+    None (never cached) for in-memory state dicts."""
     if isinstance(source, (Adapter, PipelineAdapter)):
         return ("object", id(source))
     if isinstance(source, Mapping):
         return None
+    source, hub_kwargs = resolve_hub_id(source, hub_kwargs)
     path = Path(source).expanduser()
-    if not path.exists():
-        return None  # a hub id: diffusers resolves it (and its cache) on every read
-    return (cache_key(path), tuple(sorted((k, repr(v)) for k, v in hub_kwargs.items())))
+    options = tuple(sorted((k, repr(v)) for k, v in hub_kwargs.items()))
+    if not path.is_dir():
+        return (cache_key(path), options)
+    folder = path / hub_kwargs["subfolder"] if hub_kwargs.get("subfolder") else path
+    weight_files = sorted(f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin", ".json"))
+    return ("dir", str(folder), tuple((f.name, cache_key(f)) for f in weight_files), options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -329,9 +372,11 @@ class PipelineSlots:
     :class:`AdapterSlots`, for per-component routing. A load reads and validates every component's
     part before it writes any slot: it either completes in all components or changes none.
     A component the adapter does not target gets its slot emptied, so it runs as the base model.
+    Every verb takes ``lock`` (then each component's): a serving thread that holds ``lock`` around each
+    pipeline call never sees a swap halfway through the components.
     """
 
-    def __init__(self, pipe: Any, components: Mapping[str, AdapterSlots], cache: AdapterCache) -> None:
+    def __init__(self, pipe: Any, components: Mapping[str, AdapterSlots | FusedSlots], cache: AdapterCache) -> None:
         self.pipe = pipe
         self.components = dict(components)
         self.cache = cache
