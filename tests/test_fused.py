@@ -330,3 +330,15 @@ def test_prefetch_fills_the_cache_that_load_reads(llama_base, llama_adapters):
     fused.load(path)
     assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
     assert len(fused.cache) == 1
+
+
+def test_load_packed_refuses_an_adapter_packed_for_another_model(llama_base, llama_adapters):
+    """``pack``/``load_packed`` split a load in two; a packed adapter only fits the slots that packed it."""
+    adapter = loraswap.load_adapter(llama_adapters["attn-r2"])
+    capacity = loraswap.Capacity.for_adapters([llama_adapters["attn-r2"]])
+    for mode in ("slots", "fused"):
+        first = loraswap.attach(copy.deepcopy(llama_base), capacity, mode=mode)
+        second = loraswap.attach(copy.deepcopy(llama_base), capacity, mode=mode)
+        first.load_packed(first.pack(adapter))
+        with pytest.raises(loraswap.SlotError, match="packed for another attached model"):
+            second.load_packed(first.pack(adapter))

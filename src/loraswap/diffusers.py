@@ -38,7 +38,7 @@ import os
 import threading
 import types
 import warnings
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,14 +344,14 @@ def _label(source) -> str:
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
 
 
-def _cache_key(source: PipelineSource, hub_kwargs: Mapping[str, Any]) -> Hashable | None:
+def _cache_key(source: PipelineSource, hub_kwargs: Mapping[str, Any], allow_pickle: bool = False) -> Hashable | None:
     """The stamps of the files a read would use (a hub id's local copy included) plus the read options;
     None (never cached) for in-memory state dicts."""
     if isinstance(source, (Adapter, PipelineAdapter)):
         return ("object", id(source))
     if isinstance(source, Mapping):
         return None
-    source, hub_kwargs = resolve_hub_id(source, hub_kwargs)
+    source, hub_kwargs = resolve_hub_id(source, hub_kwargs, allow_pickle)
     path = Path(source).expanduser()
     options = tuple(sorted((k, repr(v)) for k, v in hub_kwargs.items()))
     if not path.is_dir():
@@ -399,7 +399,7 @@ class PipelineSlots:
         def build() -> PackedPipelineAdapter:
             return self.pack(self.read(source, allow_pickle=allow_pickle, **hub_kwargs))
 
-        key = _cache_key(source, hub_kwargs)
+        key = _cache_key(source, hub_kwargs, allow_pickle)
         if key is None:
             return build()
         keep_alive = source if isinstance(source, (Adapter, PipelineAdapter)) else None
@@ -515,7 +515,10 @@ class FusedPipelineSlots(PipelineSlots):
                 undo=lambda name, component: component.activate(previous[name]),
             )
 
-    def _in_every_component(self, step, undo) -> None:
+    def _in_every_component(
+        self, step: Callable[[str, FusedSlots], None], undo: Callable[[str, FusedSlots], None]
+    ) -> None:
+        """``step`` in every component; when one raises, ``undo`` in those already done, newest first."""
         done = []
         try:
             for name, component in self.components.items():
@@ -632,7 +635,7 @@ def attach(
     }
     pipeline_slots = (FusedPipelineSlots if mode == "fused" else PipelineSlots)(pipe, attached, cache)
     for source, adapter in read:
-        key = _cache_key(source, {})
+        key = _cache_key(source, {}, allow_pickle)
         if key is not None:
             cache.put(key, pipeline_slots.pack(adapter))
     return pipeline_slots

@@ -27,7 +27,7 @@ import threading
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import CapacityError, LayoutChangedError, ModeError, NonFiniteError, SlotError
 from .layers import SlotConv1D, SlotEmbedding, slot_layer_class
-from .layout import SlotLayout
+from .layout import SlotLayout, check_packed_for
 from .routing import BlendWeights
 
 _FUSED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -85,6 +85,7 @@ class FusedAdapter:
 
     layers: dict[str, LayerFactors]
     source: str
+    layout: SlotLayout = field(repr=False, compare=False)  # the layout it was validated for: only that one can take it
 
     @property
     def nbytes(self) -> int:
@@ -264,6 +265,7 @@ class FusedSlots:
         return FusedAdapter(
             {name: self._factors(self.targets[name], layer) for name, layer in adapter.layers.items()},
             adapter.source,
+            self.layout,
         )
 
     def _factors(self, target: FusedTarget, layer: LayerLora) -> LayerFactors:
@@ -287,6 +289,7 @@ class FusedSlots:
     def load_packed(self, fused: FusedAdapter, slot: int = 0) -> None:
         """Merge (or stage) an adapter that :meth:`pack` (or :meth:`packed`) prepared: the write half of ``load``."""
         self._check_slot(slot)
+        check_packed_for(fused, self.layout)
         with self.lock:
             self._check_layout()
             if slot == self._active:

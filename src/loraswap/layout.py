@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .adapter import Adapter, LayerLora
 from .capacity import Capacity
-from .errors import CapacityError, NonFiniteError, ShapeMismatchError
+from .errors import CapacityError, NonFiniteError, ShapeMismatchError, SlotError
 from .layers import SlotSpec
+
+if TYPE_CHECKING:
+    from .fused import FusedAdapter
 
 ALIGN_BYTES = 64
 
@@ -74,10 +78,20 @@ class PackedAdapter:
     scales: tuple[torch.Tensor, ...]
     source: str
     targets: frozenset[str]
+    layout: SlotLayout = field(repr=False, compare=False)  # the layout it was packed for: only that one can take it
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.weights, *self.scales))
+
+
+def check_packed_for(packed: PackedAdapter | FusedAdapter, layout: SlotLayout) -> None:
+    """Refuse an adapter that was packed for another model's slots (its bytes would land in the wrong places)."""
+    if packed.layout is not layout:
+        raise SlotError(
+            f"{packed.source} was packed for another attached model; pack it with this model's slots "
+            "(slots.pack(adapter) or slots.packed(source)) before load_packed"
+        )
 
 
 class SlotLayout:
@@ -171,7 +185,7 @@ class SlotLayout:
             scale.fill_(layer.scaling)
             if layer.lora_bias is not None:
                 bias.copy_(layer.lora_bias)
-        return PackedAdapter(weights, scales, adapter.source, adapter.target_names)
+        return PackedAdapter(weights, scales, adapter.source, adapter.target_names, self)
 
 
 def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias: bool) -> None:

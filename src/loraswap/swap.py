@@ -26,7 +26,7 @@ from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import LayoutChangedError
 from .layers import SlotLayer
-from .layout import PackedAdapter, SlotLayout, SlotStorage
+from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for
 from .routing import BlendWeights, Router
 
 
@@ -119,6 +119,7 @@ class AdapterSlots:
     def load_packed(self, packed: PackedAdapter, slot: int = 0) -> None:
         """Copy an adapter that :meth:`pack` (or :meth:`packed`) prepared into ``slot``: the write half of ``load``."""
         self.router.check_slot(slot)
+        check_packed_for(packed, self.layout)
         self._check_layout()
         with self._write_lock:
             if slot not in self._read_slots:
