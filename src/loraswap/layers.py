@@ -4,8 +4,9 @@ Each slot layer holds, as registered buffers that never change shape, dtype, dev
 ``lora_A [slots, R, *a_tail]``, ``lora_B [slots, out, R]``, ``scale [slots]`` (float32), an optional
 ``lora_bias [slots, out]``, and the routing tensors shared by all layers. Its output is
 ``base(x) + sum_s w_s * scale_s * (B_s A_s x + bias_s)`` with ``w`` the row's routing weights.
-Every slot is computed in one einsum, so swapping, activating or routing never changes the graph;
-a zero slot or a zero weight adds exactly nothing.
+All slots go through one shrink and one expand matmul (or, with ``Capacity.max_blend`` below the
+slot count, each row gathers its own slots), so swapping, activating or routing never changes the
+graph; a zero slot or a zero weight adds exactly nothing.
 
 Supported base layers mirror PEFT's LoRA: ``nn.Linear``, transformers' ``Conv1D`` (fan_in_fan_out),
 ``nn.Conv1d/2d/3d`` (groups included: ``lora_B`` is stored dense, block-diagonal per group) and
