@@ -466,3 +466,24 @@ def test_fused_pipeline_failed_loads_leave_the_weights_bit_identical(compiled_fu
         assert_same_weights(before, pipe, description)
     assert torch.equal(generate(pipe), before_output)
     assert pipeline_slots.loaded == {0: str(sd_files["kohya-te"])}
+
+
+def test_fused_pipeline_activate_that_overflows_restores_every_component(sd_pipe, sd_files, tmp_path):
+    """A LoRA staged in another slot is only validated; activating it merges, and an overflow in the text
+    encoder after the unet merged puts the previous slot back in both."""
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, list(sd_files.values()), slots=2, mode="fused")
+    pipeline_slots.load(sd_files["kohya-te"], slot=0)
+    before = component_weights(pipe)
+    tensors = load_file(str(sd_files["unet-and-te"]))
+    overflowing = {key: value * 1e20 if key.startswith("text_encoder.") else value for key, value in tensors.items()}
+    save_file(overflowing, str(tmp_path / "overflow.safetensors"))
+    pipeline_slots.load(tmp_path / "overflow.safetensors", slot=1)  # staged: nothing merged yet
+    assert_same_weights(before, pipe, "staged")
+    with pytest.raises(loraswap.NonFiniteError):
+        pipeline_slots.activate(1)
+    assert_same_weights(before, pipe, "failed activate")
+    assert {name: component.active for name, component in pipeline_slots.components.items()} == {
+        "unet": 0,
+        "text_encoder": 0,
+    }
