@@ -2,7 +2,7 @@
 
 A request loop cycles through four LoRAs that differ in targets, rank and format (diffusers files
 with and without text-encoder layers, a kohya file with per-module alphas, a text-encoder-only
-file); each request swaps in its LoRA and generates with N denoising steps. Four modes run the
+file); each request swaps in its LoRA and generates with N denoising steps. Five modes run the
 same requests in alternation (one request of each mode in turn), each on its own copy of one
 random-init StableDiffusionPipeline:
 
