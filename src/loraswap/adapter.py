@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -321,23 +321,28 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Pa
         return path
     text = os.fspath(source)
     if HUB_ID.match(text):
-        return _download_from_hub(text, revision)
+        return download_from_hub(text, revision=revision)
     raise AdapterNotFoundError(
         f"{text}: no such file or directory; pass a PEFT adapter directory, a .safetensors file or a hub id"
     )
 
 
-def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+def download_from_hub(
+    repo_id: str,
+    *,
+    filename: str | None = None,
+    allow_patterns: Sequence[str] = (CONFIG_NAME, "*.safetensors", PICKLE_NAME),
+    **hub_kwargs: Any,
+) -> Path:
+    """The local copy of ``filename`` in ``repo_id`` (``hf_hub_download``), else of the repo's files matching
+    ``allow_patterns`` (``snapshot_download``); ``hub_kwargs`` (revision, subfolder, token, ...) go to huggingface_hub.
+    Offline (``HF_HUB_OFFLINE=1``) it reads the local HF cache only."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=[CONFIG_NAME, "*.safetensors", PICKLE_NAME],
-            )
-        )
+        if filename:
+            return Path(hf_hub_download(repo_id, filename, **hub_kwargs))
+        return Path(snapshot_download(repo_id, allow_patterns=list(allow_patterns), **hub_kwargs))
     except Exception as err:  # huggingface_hub raises a family of HTTP, offline and cache errors
         raise AdapterNotFoundError(
             f"{repo_id}: not a local path and not resolvable as a hub id ({type(err).__name__}: {err}); "

@@ -53,6 +53,7 @@ from .adapter import (
     HUB_ID,
     Adapter,
     adapter_from_state_dict,
+    download_from_hub,
     load_adapter,
 )
 from .attach import attach as attach_model
@@ -256,23 +257,15 @@ def resolve_hub_id(
     repo_id = os.fspath(source)
     if not HUB_ID.match(repo_id):
         return source, dict(hub_kwargs)
-    from huggingface_hub import hf_hub_download, snapshot_download
-
     download = {key: value for key, value in hub_kwargs.items() if key in HUB_DOWNLOAD_KWARGS}
     read = {key: value for key, value in hub_kwargs.items() if key not in HUB_DOWNLOAD_KWARGS}
     subfolder = read.pop("subfolder", None)
-    try:
-        if read.get("weight_name"):
-            return hf_hub_download(repo_id, read.pop("weight_name"), subfolder=subfolder, **download), read
-        patterns = ["*.safetensors", "*.bin"] if allow_pickle else ["*.safetensors"]
-        if subfolder:
-            patterns = [f"{subfolder}/{pattern}" for pattern in patterns]
-        return snapshot_download(repo_id, allow_patterns=patterns, **download), {**read, "subfolder": subfolder}
-    except Exception as err:  # huggingface_hub raises a family of HTTP, offline and cache errors
-        raise AdapterNotFoundError(
-            f"{repo_id}: not a local path and not resolvable as a hub id ({type(err).__name__}: {err}); "
-            "download it first, or check the name, weight_name and HF_HUB_OFFLINE / HF_HOME"
-        ) from err
+    if read.get("weight_name"):
+        return download_from_hub(repo_id, filename=read.pop("weight_name"), subfolder=subfolder, **download), read
+    patterns = ["*.safetensors", "*.bin"] if allow_pickle else ["*.safetensors"]
+    if subfolder:
+        patterns = [f"{subfolder}/{pattern}" for pattern in patterns]
+    return download_from_hub(repo_id, allow_patterns=patterns, **download), {**read, "subfolder": subfolder}
 
 
 def _diffusers_state_dict(pipe, source, label: str, allow_pickle: bool, hub_kwargs: Mapping[str, Any]):
