@@ -10,6 +10,7 @@ from typing import Union
 from torch import nn
 
 from .adapter import Adapter, AdapterSource, get_pattern_key, load_adapter
+from .info import AdapterInfo, inspect
 from .errors import CapacityError
 
 TargetModules = Union[str, Sequence[str]]
@@ -93,7 +94,7 @@ class Capacity:
     @classmethod
     def for_adapters(
         cls,
-        adapters: Iterable[AdapterSource],
+        adapters: Iterable[AdapterSource | AdapterInfo],
         *,
         model: nn.Module | None = None,
         slots: int = 1,
@@ -103,13 +104,17 @@ class Capacity:
     ) -> Capacity:
         """The smallest capacity that holds every given adapter: union of targets, maximum rank.
 
-        With ``per_layer_rank=True`` each layer is sized to the largest rank any adapter gives it.
-        With ``model``, every target is checked to exist in it.
+        Files are described from their safetensors headers and configs (:func:`loraswap.inspect`),
+        without reading a tensor, so planning a catalogue of thousands of adapters takes seconds;
+        an adapter the header reading cannot take as PEFT LoRA is read in full, so that it raises
+        the same error as :func:`loraswap.load_adapter`. With ``per_layer_rank=True`` each layer
+        is sized to the largest rank any adapter gives it. With ``model``, every target is checked
+        to exist in it.
         """
-        loaded = [load_adapter(adapter) for adapter in adapters]
-        if not loaded:
+        described = [_ranks_and_bias(adapter) for adapter in adapters]
+        if not described:
             raise CapacityError("Capacity.for_adapters needs at least one adapter")
-        layer_ranks = union_of_ranks(loaded)
+        layer_ranks = _largest_ranks(ranks for ranks, _ in described)
         if model is not None:
             check_targets_exist(layer_ranks, model)
         return cls(
@@ -118,18 +123,37 @@ class Capacity:
             slots=slots,
             max_batch=max_batch,
             max_blend=max_blend,
-            lora_bias=any(adapter.has_bias for adapter in loaded),
+            lora_bias=any(has_bias for _, has_bias in described),
             layer_ranks=layer_ranks if per_layer_rank else {},
         )
 
 
 def union_of_ranks(adapters: Iterable[Adapter]) -> dict[str, int]:
     """Module name -> the largest rank any adapter gives that module."""
+    return _largest_ranks(_ranks_of(adapter) for adapter in adapters)
+
+
+def _largest_ranks(rank_maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
     ranks: dict[str, int] = {}
-    for adapter in adapters:
-        for name, layer in adapter.layers.items():
-            ranks[name] = max(ranks.get(name, 0), layer.rank)
+    for rank_map in rank_maps:
+        for name, rank in rank_map.items():
+            ranks[name] = max(ranks.get(name, 0), rank)
     return ranks
+
+
+def _ranks_and_bias(adapter: AdapterSource | AdapterInfo) -> tuple[dict[str, int], bool]:
+    """``({module name: rank}, has a LoRA bias)`` of one adapter, from its header when it is a file."""
+    if isinstance(adapter, Adapter):
+        return _ranks_of(adapter), adapter.has_bias
+    info = adapter if isinstance(adapter, AdapterInfo) else inspect(adapter)
+    if info.is_peft and not info.unsupported:
+        return info.layer_ranks, info.has_bias
+    loaded = load_adapter(info.source)  # raises what a load would (an unsupported feature, a foreign format)
+    return _ranks_of(loaded), loaded.has_bias
+
+
+def _ranks_of(adapter: Adapter) -> dict[str, int]:
+    return {name: layer.rank for name, layer in adapter.layers.items()}
 
 
 def check_targets_exist(module_names: Iterable[str], model: nn.Module, where: str = "the model") -> None:

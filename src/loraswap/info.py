@@ -64,6 +64,12 @@ _DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "U64": (8, None),
 }
 
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (None where torch has none loraswap reads)."""
+    return _DTYPES[name][1]
+
+
 # Key suffix -> role, per key family. Longer suffixes first where one ends another.
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "lora_A"),
