@@ -265,27 +265,25 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 def _check_values(layers: Iterable[tuple[str, LayerLora, torch.dtype | None]]) -> None:
     """Raise :class:`NonFiniteError` naming the first tensor with a NaN or inf, or a value beyond its layer's
-    dtype (None: finite is enough). One float32 norm per tensor answers the common case: a norm within
-    the dtype's range bounds every value; only a failure looks at elements."""
+    dtype (None: finite is enough). A norm within the dtype's range bounds every value, so one float32
+    norm per tensor answers the common case; only a failure looks at elements."""
     named = [
-        (name, role, tensor, math.inf if dtype is None else torch.finfo(dtype).max)
+        (name, role, tensor, dtype)
         for name, layer, dtype in layers
         for role, tensor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_bias", layer.lora_bias))
         if tensor is not None and tensor.numel()
     ]
-    if not named:
+    limits = [torch.finfo(dtype or torch.float32).max for *_, dtype in named]
+    if _norms_within([tensor for _, _, tensor, _ in named], limits):
         return
-    norms = torch.stack(torch._foreach_norm([tensor for _, _, tensor, _ in named], 2, dtype=torch.float32))
-    if bool((norms <= torch.tensor([limit for *_, limit in named])).all()):
-        return
-    for name, role, tensor, limit in named:
+    for (name, role, tensor, dtype), limit in zip(named, limits):
         bad = tensor.numel() - int(torch.isfinite(tensor).sum())
         if bad:
             raise NonFiniteError(
                 f"layer {name!r}: {role} holds {bad} NaN or infinite value(s); the adapter is corrupt, re-export it"
             )
         largest = float(tensor.abs().max())
-        if largest > limit:
+        if dtype is not None and largest > limit:
             raise NonFiniteError(
                 f"layer {name!r}: {role} holds {largest:.3g}, beyond what the model's dtype holds ({limit:.3g}): "
                 "it would load as infinite; attach the model in a wider dtype or rescale the adapter"
@@ -293,15 +291,21 @@ def _check_values(layers: Iterable[tuple[str, LayerLora, torch.dtype | None]]) -
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every value is finite: one float32 norm per tensor (NaN and inf propagate through it), and
-    an element-wise check only when a norm is not finite (a huge finite tensor can overflow its norm).
-
-    ``torch.isfinite(t).all()`` and ``_foreach_norm(ord=inf)`` are 50-100x slower on CPU."""
+    """Whether every value is finite; element-wise only when a norm is not (a huge finite tensor can overflow it)."""
     tensors = [tensor for tensor in tensors if tensor.numel()]
+    return _norms_within(tensors, [torch.finfo(torch.float32).max] * len(tensors)) or all(
+        bool(torch.isfinite(tensor).all()) for tensor in tensors
+    )
+
+
+def _norms_within(tensors: Sequence[torch.Tensor], limits: Sequence[float]) -> bool:
+    """Whether each tensor's float32 norm is at most its limit (NaN and inf propagate through a norm, so they fail).
+
+    One ``_foreach_norm``: ``torch.isfinite(t).all()`` and ``_foreach_norm(ord=inf)`` are 50-100x slower on CPU."""
     if not tensors:
         return True
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    return bool(torch.isfinite(norms).all()) or all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+    norms = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+    return bool((norms <= torch.tensor(limits)).all())
 
 
 def _padded_pairs(
