@@ -100,13 +100,14 @@ class Capacity:
         per_layer_rank: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_blend: int | None = None,
+        allow_pickle: bool = False,
     ) -> Capacity:
         """The smallest capacity that holds every given adapter: union of targets, maximum rank.
 
         With ``per_layer_rank=True`` each layer is sized to the largest rank any adapter gives it.
-        With ``model``, every target is checked to exist in it.
+        With ``model``, every target is checked to exist in it. ``allow_pickle`` as in :func:`loraswap.load_adapter`.
         """
-        loaded = [load_adapter(adapter) for adapter in adapters]
+        loaded = [load_adapter(adapter, allow_pickle=allow_pickle) for adapter in adapters]
         if not loaded:
             raise CapacityError("Capacity.for_adapters needs at least one adapter")
         layer_ranks = union_of_ranks(loaded)

@@ -26,7 +26,7 @@ from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import LayoutChangedError
 from .layers import SlotLayer
-from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for
+from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights, Router
 
 
@@ -106,6 +106,9 @@ class AdapterSlots:
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
+        check_saved_base_weights(
+            adapter, lambda name: self.model.get_submodule(name).base_layer.weight, self.layout.placements
+        )
         return self.layout.pack(adapter, pin_memory=self._pin)
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
