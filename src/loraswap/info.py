@@ -227,27 +227,42 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise AdapterFormatError(f"{path}: cannot be read ({err})") from err
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise AdapterFormatError(f"{path}: the safetensors header is not valid JSON; the file is corrupt") from err
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError(f"{path}: the safetensors __metadata__ is not an object of strings; the file is corrupt")
     tensors = {key: _tensor_entry(path, key, value) for key, value in header.items()}
     data_start = 8 + header_bytes
-    declared = max((entry.end for entry in tensors.values()), default=0)
-    if data_start + declared > file_bytes:
+    declared = _check_contiguous(path, tensors)
+    if data_start + declared != file_bytes:
         raise AdapterFormatError(
-            f"{path}: the header declares {declared} bytes of tensors but only {file_bytes - data_start} follow; "
-            "the file is truncated: re-download or re-save it"
+            f"{path}: the header declares {declared} bytes of tensors but {file_bytes - data_start} follow; "
+            "the file is truncated or damaged: re-download or re-save it"
         )
     return SafetensorsHeader(path, tensors, metadata, data_start, file_bytes)
+
+
+def _check_contiguous(path: Path, tensors: Mapping[str, TensorEntry]) -> int:
+    """The data bytes the tensors cover, which must tile ``[0, end)`` without gap or overlap (as safetensors writes)."""
+    end = 0
+    for key, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != end:
+            raise AdapterFormatError(
+                f"{path}: tensor {key!r} starts at data byte {entry.begin}, expected {end}: the header's offsets "
+                "overlap or leave gaps; the file is corrupt"
+            )
+        end = entry.end
+    return end
 
 
 def _tensor_entry(path: Path, key: str, value: Any) -> TensorEntry:
     try:
         dtype, shape, (begin, end) = value["dtype"], tuple(value["shape"]), value["data_offsets"]
         itemsize = _DTYPES[dtype][0]
-        valid = all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end))
+        valid = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (*shape, begin, end))
     except (TypeError, KeyError, ValueError):
         valid = False
     if not valid or end - begin != math.prod(shape) * itemsize:
