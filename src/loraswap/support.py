@@ -168,10 +168,10 @@ def unsupported_in_keys(keys: Iterable[str]) -> list[Unsupported]:
 def unsupported_in_config(config: Mapping[str, Any]) -> list[Unsupported]:
     """One entry per PEFT config option that makes the adapter more than plain LoRA."""
     found = []
-    peft_type = str(config.get("peft_type") or "LORA").upper()
+    peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         feature = PEFT_TYPES.get(peft_type) or Feature(
-            f"PEFT type {peft_type}", f"{peft_type} is not LoRA: it does not add one low-rank update B*A to a layer"
+            f"PEFT type {peft_type!r}", f"{peft_type!r} is not LoRA: it does not add one low-rank update B*A to a layer"
         )
         found.append(Unsupported(feature, f"peft_type={config['peft_type']!r}"))
     for option, feature in CONFIG_FEATURES.items():
