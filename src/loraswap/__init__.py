@@ -20,6 +20,7 @@ from .errors import (
 )
 from .fused import FusedSlots
 from .info import AdapterInfo, inspect
+from .serve import AdapterFolder, AdapterPool
 from .swap import AdapterSlots
 
 __version__ = "0.1.0"
@@ -36,8 +37,10 @@ def __getattr__(name: str):
 
 __all__ = [
     "Adapter",
+    "AdapterFolder",
     "AdapterFormatError",
     "AdapterInfo",
+    "AdapterPool",
     "AdapterNotFoundError",
     "AdapterSlots",
     "Capacity",
