@@ -30,6 +30,7 @@ from loraswap.synthetic_diffusers import (
     write_diffusers_lora,
     write_kohya_flux_lora,
     write_kohya_lora,
+    write_xlabs_flux_lora,
 )
 
 pytest.importorskip("diffusers")
@@ -379,6 +380,7 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     }
     files = {name: write_diffusers_lora(pipe, tmp_path / name, spec) for name, spec in specs.items()}
     files["kohya-flux"] = write_kohya_flux_lora(pipe, tmp_path / "kohya-flux.safetensors", seed=3)
+    files["xlabs"] = write_xlabs_flux_lora(pipe, tmp_path / "xlabs.safetensors", seed=4)
     references = {}
     for name, path in files.items():
         reference = copy.deepcopy(pipe)
@@ -391,7 +393,7 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     attached.transformer.compile(backend="eager")
     flux_forward(attached, inputs)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for name in ["attn", "kohya-flux", "mlp-and-te", "attn"]:
+        for name in ["attn", "kohya-flux", "mlp-and-te", "xlabs", "attn"]:
             pipeline_slots.load(files[name])
             for got, want in zip(flux_forward(attached, inputs), references[name]):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

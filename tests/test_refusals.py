@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import loraswap
 from conftest import assert_unchanged, snapshot
-from loraswap.errors import PickleRefusedError, UnsupportedAdapterError
+from loraswap.errors import AdapterFormatError, CapacityError, PickleRefusedError, UnsupportedAdapterError
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -175,3 +176,142 @@ def test_lone_file_with_a_residual_init_in_its_header_is_refused(llama_adapters,
     with pytest.raises(UnsupportedAdapterError, match="OLoRA.*path_initial_model_for_weight_conversion"):
         loraswap.load_adapter(lone)
     assert loraswap.inspect(lone).unsupported == ("a raw OLoRA adapter",)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipelines: the file's own keys are checked before diffusers' converters, which drop dora_scale silently
+
+
+def with_keys(source: Path, target: Path, transform) -> Path:
+    save_file(transform(load_file(source)), target)
+    return target
+
+
+def kohya_modules(tensors):
+    return [key[: -len(".lora_down.weight")] for key in tensors if key.endswith(".lora_down.weight")]
+
+
+def add_dora_scale(tensors):
+    """kohya/LyCORIS DoRA: a magnitude per output channel beside each layer's factors."""
+    for module in kohya_modules(tensors):
+        tensors[f"{module}.dora_scale"] = torch.ones(1, tensors[f"{module}.lora_up.weight"].shape[0])
+    return tensors
+
+
+def as_lycoris(kind: str):
+    """The same layers as LyCORIS LoHa (two Hadamard-multiplied pairs) or LoKr (two Kronecker factors)."""
+
+    def transform(tensors):
+        out = {}
+        for module in kohya_modules(tensors):
+            down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
+            pairs = {"hada_w1_a": up, "hada_w1_b": down, "hada_w2_a": up, "hada_w2_b": down} if kind == "loha" else {
+                "lokr_w1": up[:2, :2], "lokr_w2": down}
+            out.update({f"{module}.{name}": value.clone() for name, value in pairs.items()})
+            out[f"{module}.alpha"] = tensors[f"{module}.alpha"]
+        return out
+
+    return transform
+
+
+def bfl_control(tensors):
+    """BFL's Flux Control layout: LoRA factors in BFL block names plus full norm scales."""
+    return {
+        "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, 32),
+        "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(96, 4),
+        "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16),
+    }
+
+
+def kohya_flux_linear1(tensors):
+    """A kohya Flux single-block linear1 (fused qkv + MLP) on a transformer narrower than Flux's 3072."""
+    tensors["lora_unet_single_blocks_0_linear1.lora_down.weight"] = torch.randn(4, 32)
+    tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"] = torch.randn(3 * 32 + 128, 4)
+    tensors["lora_unet_single_blocks_0_linear1.alpha"] = torch.tensor(4.0)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """An attached tiny SD and tiny Flux pipeline, each with a valid kohya LoRA loaded, and the refused files."""
+    from loraswap import diffusers as lsd
+    from loraswap.synthetic_diffusers import (
+        LoraSpec,
+        tiny_flux_pipeline,
+        tiny_sd_pipeline,
+        write_kohya_flux_lora,
+        write_kohya_lora,
+    )
+
+    directory = tmp_path_factory.mktemp("pipeline-refusals")
+    sd, flux = tiny_sd_pipeline(), tiny_flux_pipeline()
+    sd_lora = write_kohya_lora(sd, directory / "sd.safetensors",
+                               LoraSpec(targets={"unet": ["to_q", "to_v"], "text_encoder": ["q_proj"]}))
+    flux_lora = write_kohya_flux_lora(flux, directory / "flux.safetensors")
+    attached = {"sd": (sd, lsd.attach(sd, [sd_lora])), "flux": (flux, lsd.attach(flux, [flux_lora]))}
+    attached["sd"][1].load(sd_lora)
+    attached["flux"][1].load(flux_lora)
+    files = {
+        "DoRA (kohya SD1.5)": ("sd", with_keys(sd_lora, directory / "sd-dora.safetensors", add_dora_scale)),
+        "DoRA (kohya Flux)": ("flux", with_keys(flux_lora, directory / "flux-dora.safetensors", add_dora_scale)),
+        "LyCORIS LoHa": ("sd", with_keys(sd_lora, directory / "loha.safetensors", as_lycoris("loha"))),
+        "LyCORIS LoKr": ("sd", with_keys(sd_lora, directory / "lokr.safetensors", as_lycoris("lokr"))),
+        "the BFL Flux Control LoRA layout": ("flux", with_keys(flux_lora, directory / "bfl.safetensors", bfl_control)),
+    }
+    linear1 = with_keys(flux_lora, directory / "flux-linear1.safetensors", kohya_flux_linear1)
+    return attached, files, linear1
+
+
+def pipeline_snapshot(pipe):
+    return {name: snapshot(module) for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def assert_pipeline_unchanged(pipe, before):
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            assert_unchanged(module, before[name])
+
+
+@pytest.mark.parametrize(
+    "case", ["DoRA (kohya SD1.5)", "DoRA (kohya Flux)", "LyCORIS LoHa", "LyCORIS LoKr", "the BFL Flux Control LoRA layout"]
+)
+def test_pipeline_files_are_refused_by_name_before_diffusers_converts_them(pipelines, case):
+    attached, files, _ = pipelines
+    pipeline_name, path = files[case]
+    pipe, pipeline_slots = attached[pipeline_name]
+    feature = case.split(" (")[0]
+    before, loaded = pipeline_snapshot(pipe), pipeline_slots.loaded
+    expected = rf"^{re.escape(str(path))}: {re.escape(feature)}.* \(key .*cannot be hot-swapped"
+    with pytest.raises(UnsupportedAdapterError, match=expected) as raised:
+        pipeline_slots.load(path)
+    assert_pipeline_unchanged(pipe, before)
+    assert pipeline_slots.loaded == loaded
+    try:
+        info = loraswap.inspect(path)
+    except UnsupportedAdapterError as err:
+        assert str(err) == str(raised.value)
+    else:
+        assert any(feature in reason for reason in info.unsupported), info.unsupported
+
+
+def test_a_converter_assertion_arrives_as_a_format_error_naming_the_file(pipelines):
+    attached, _, linear1 = pipelines
+    pipe, pipeline_slots = attached["flux"]
+    before = pipeline_snapshot(pipe)
+    with pytest.raises(AdapterFormatError, match=rf"^{re.escape(str(linear1))}: diffusers' converter rejected .*AssertionError"):
+        pipeline_slots.load(linear1)
+    assert_pipeline_unchanged(pipe, before)
+
+
+def test_enable_lora_hotswap_rank_error_names_target_rank(tmp_path):
+    from loraswap import diffusers as lsd
+    from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
+
+    pipe = tiny_sd_pipeline()
+    path = write_kohya_lora(pipe, tmp_path / "r4.safetensors", LoraSpec(targets={"unet": ["to_q"]}, rank=4))
+    lsd.enable_lora_hotswap(pipe, target_rank=2)
+    before = pipeline_snapshot(pipe)
+    with pytest.raises(CapacityError, match=r"rank 4 exceeds .*target_rank=2.*target_rank=4") as raised:
+        pipe.load_lora_weights(str(path))
+    assert "Capacity.max_rank" not in str(raised.value)
+    assert_pipeline_unchanged(pipe, before)

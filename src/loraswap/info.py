@@ -354,7 +354,7 @@ def _group_keys(header: SafetensorsHeader, file_format: str) -> tuple[dict[str, 
     return lora_modules, notes
 
 
-def _component_configs(config: Mapping[str, Any] | None, metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
+def component_configs(config: Mapping[str, Any] | None, metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
     """Component (``""`` for a whole-model PEFT file) -> its LoraConfig dict, from adapter_config.json or
     diffusers' ``lora_adapter_metadata`` header entry (flat keys like ``unet.r``)."""
     if config is not None:
@@ -412,7 +412,7 @@ def _layer_info(
     return LayerInfo(rank, alpha, scaling, lora_A.shape, lora_B.shape, bias.shape if bias is not None else None, numel)
 
 
-def _weights_file(path: Path) -> tuple[Path, Path | None]:
+def weights_file(path: Path) -> tuple[Path, Path | None]:
     """The safetensors file (and PEFT config, if any) of an adapter path."""
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -446,10 +446,10 @@ def inspect(source: str | os.PathLike, revision: str | None = None) -> AdapterIn
     """Describe the LoRA adapter at ``source`` (a PEFT directory, a ``.safetensors`` file or a hub id)
     from its safetensors header and config alone, without loading its tensors."""
     path = resolve_source(source, revision)
-    weights, config_path = _weights_file(path)
+    weights, config_path = weights_file(path)
     config = read_config(config_path) if config_path is not None else None
     header = read_safetensors_header(weights)
-    configs = _component_configs(config, header.metadata, weights)
+    configs = component_configs(config, header.metadata, weights)
     for options in configs.values():
         check_config_fields(options, str(weights))
     file_format = detect_format(header.tensors)

@@ -21,7 +21,14 @@ from torch import nn
 
 from .adapter import Adapter, LayerLora
 from .capacity import Capacity
-from .errors import CapacityError, NonFiniteError, ShapeMismatchError, SlotError, UnsupportedAdapterError
+from .errors import (
+    CapacityError,
+    NonFiniteError,
+    RankOverCapacityError,
+    ShapeMismatchError,
+    SlotError,
+    UnsupportedAdapterError,
+)
 from .layers import SlotSpec
 
 if TYPE_CHECKING:
@@ -219,9 +226,12 @@ def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias
     spec = place.spec
     rank = layer.rank
     if rank > place.rank:
-        raise CapacityError(
+        raise RankOverCapacityError(
             f"layer {name!r}: the adapter's rank {rank} exceeds the capacity's rank {place.rank} there; "
-            f"raise Capacity.max_rank (or its layer_ranks entry) to {rank}"
+            f"raise Capacity.max_rank (or its layer_ranks entry) to {rank}",
+            name,
+            rank,
+            place.rank,
         )
     if rank % spec.groups:
         raise ShapeMismatchError(

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..capacity import Capacity
-from ..errors import HotswapError, SlotError
+from ..errors import CapacityError, HotswapError, RankOverCapacityError, SlotError
 from ..layers import slot_layer_class
 from .pipeline import PipelineSlots, attach, capacities_for
 from .reading import PipelineSource, is_text_encoder, lora_components, source_cache_key
@@ -85,7 +85,7 @@ def enable_lora_hotswap(
         key = source_cache_key(source, {})
         if key is not None:
             pipeline_slots.cache.put(key, pipeline_slots.pack(adapter))
-    _route_lora_methods(pipe, pipeline_slots)
+    _route_lora_methods(pipe, pipeline_slots, target_rank)
     return pipeline_slots
 
 
@@ -141,13 +141,20 @@ class _AdapterNames:
         return [self.by_name[name] for name in names]
 
 
-def _route_lora_methods(pipe: Any, pipeline_slots: PipelineSlots) -> None:
+def _route_lora_methods(pipe: Any, pipeline_slots: PipelineSlots, target_rank: int) -> None:
     names = _AdapterNames(pipeline_slots)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap=False, **kwargs):
         kwargs.pop("low_cpu_mem_usage", None)
         name, slot = names.slot_for_load(adapter_name, hotswap)
-        pipeline_slots.load(pretrained_model_name_or_path_or_dict, slot, **kwargs)
+        try:
+            pipeline_slots.load(pretrained_model_name_or_path_or_dict, slot, **kwargs)
+        except RankOverCapacityError as err:  # say it in the drop-in's words: target_rank, not Capacity.max_rank
+            raise CapacityError(
+                f"layer {err.layer!r}: the LoRA's rank {err.rank} exceeds the rank {err.capacity_rank} that "
+                f"enable_lora_hotswap(target_rank={target_rank}) padded it to; call enable_lora_hotswap with "
+                f"target_rank={err.rank} (or more) before compiling"
+            ) from err
         names.by_name[name] = slot
         names.last = name
         pipeline_slots.activate(slot)
