@@ -7,6 +7,7 @@ from .compile_guard import CompileCounter, no_recompile
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
+    AttachOrderError,
     CapacityError,
     HotswapError,
     LayoutChangedError,
@@ -40,6 +41,7 @@ __all__ = [
     "AdapterInfo",
     "AdapterNotFoundError",
     "AdapterSlots",
+    "AttachOrderError",
     "Capacity",
     "CapacityError",
     "CompileCounter",

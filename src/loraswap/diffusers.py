@@ -416,8 +416,7 @@ class PipelineSlots:
         """Hot-swap ``source`` into ``slot`` of every component: transactional, cached, no recompilation."""
         self._check_slot(slot)
         packed = self.packed(source, allow_pickle=allow_pickle, **hub_kwargs)
-        for component in self.components.values():
-            component._check_layout()
+        self._check_layouts()
         with self._all_locks():
             self._write(packed, slot)
             self._loaded[slot] = packed.source
@@ -436,6 +435,7 @@ class PipelineSlots:
     def unload(self, slot: int = 0) -> None:
         """Empty ``slot`` in every component."""
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.unload(slot)
@@ -444,6 +444,7 @@ class PipelineSlots:
     def activate(self, slot: int) -> None:
         """Every row of every component uses ``slot``."""
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.activate(slot)
@@ -455,12 +456,14 @@ class PipelineSlots:
         ``[negative rows; positive rows]`` while the text encoder sees each half separately. Route the
         unet with ``ids + ids`` then, through ``slots.components["unet"].route(...)``.
         """
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.route(ids, per_token=per_token)
 
     def blend(self, weights: BlendWeights | Sequence[BlendWeights]) -> None:
         """Every row (or row ``i``, given a list) of every component uses the weighted sum of the given slots."""
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.blend(weights)
@@ -471,6 +474,11 @@ class PipelineSlots:
                 f"slot {slot!r} is outside the {self.slots} slot(s) allocated; use 0..{self.slots - 1} "
                 "or attach with slots= larger"
             )
+
+    def _check_layouts(self) -> None:
+        """Raise :class:`LayoutChangedError` before any component changes when one was moved or cast after attach."""
+        for component in self.components.values():
+            component._check_layout()
 
     def _all_locks(self):
         return _Locks([self.lock, *(component.lock for component in self.components.values())])
@@ -501,6 +509,7 @@ class FusedPipelineSlots(PipelineSlots):
 
     def activate(self, slot: int) -> None:
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             previous = {name: component.active for name, component in self.components.items()}
             self._in_every_component(
