@@ -7,6 +7,7 @@ from .compile_guard import CompileCounter, no_recompile
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
+    AttachOrderError,
     CapacityError,
     HotswapError,
     LayoutChangedError,
@@ -43,6 +44,7 @@ __all__ = [
     "AdapterPool",
     "AdapterNotFoundError",
     "AdapterSlots",
+    "AttachOrderError",
     "Capacity",
     "CapacityError",
     "CompileCounter",
