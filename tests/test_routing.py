@@ -70,9 +70,10 @@ def references(peft_model, llama_base, names, tokens):
 
 @pytest.fixture(scope="module")
 def attached(llama_base, llama_adapters):
+    """Four adapters in the dense capacity (``max_blend=slots``): any blend, per-token routing."""
     model = copy.deepcopy(llama_base)
     capacity = loraswap.Capacity.for_adapters(
-        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH
+        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH, max_blend=4
     )
     slots = loraswap.attach(model, capacity)
     for slot, path in enumerate(llama_adapters.values()):
@@ -164,7 +165,8 @@ def test_blend_equals_peft_add_weighted_adapter(llama_base, llama_adapters, toke
     peft_model.add_weighted_adapter(list(chosen), list(chosen.values()), "blend", combination_type="cat")
     peft_model.set_adapter("blend")
     model = copy.deepcopy(llama_base)
-    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=2))
+    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=3, max_blend=2)
+    slots = loraswap.attach(model, capacity)  # gathered: two terms per row out of three slots
     for slot, name in enumerate(chosen):
         slots.load(llama_adapters[name], slot=slot)
     slots.blend(dict(enumerate(chosen.values())))
@@ -245,7 +247,8 @@ def packed_setup(tmp_path_factory):
     )
     peft_model = peft_multi_adapter(base, paths)
     model = copy.deepcopy(base)
-    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(paths.values(), model=model, slots=3, max_batch=32))
+    capacity = loraswap.Capacity.for_adapters(paths.values(), model=model, slots=3, max_batch=32, max_blend=3)
+    slots = loraswap.attach(model, capacity)
     for slot, path in enumerate(paths.values()):
         slots.load(path, slot=slot)
     return base, peft_model, list(paths), model, slots
@@ -284,11 +287,10 @@ def test_per_token_routing_matches_peft(packed_setup, shape):
 
 @pytest.fixture(scope="module")
 def gathered(llama_base, llama_adapters):
-    """The same four adapters with ``max_blend=1``: Linear layers gather each row's slot."""
+    """The same four adapters in the default capacity (``max_blend=1``): every layer gathers each row's slot."""
     model = copy.deepcopy(llama_base)
-    capacity = loraswap.Capacity.for_adapters(
-        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH, max_blend=1
-    )
+    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH)
+    assert capacity.max_blend == 1
     slots = loraswap.attach(model, capacity)
     for slot, path in enumerate(llama_adapters.values()):
         slots.load(path, slot=slot)
