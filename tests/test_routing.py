@@ -329,3 +329,26 @@ def test_gathered_capacity_refuses_wider_blends_and_per_token_routing(gathered):
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     slots.blend({2: 0.25})
     assert torch.equal(slots.router.row_slots[:, 0], torch.full((MAX_BATCH + 1,), 2))
+
+
+def test_gathered_bf16_rows_match_peft_bf16(llama_base, llama_adapters, names, tokens):
+    """bf16 model, default capacity: each routed row against PEFT's bf16 ``adapter_names=`` batch.
+
+    Tolerance: the two differ only in bf16 rounding order, so loraswap must be as close to PEFT's bf16
+    output as PEFT's bf16 output is to its own fp32 output (and within 0.05 absolute on these logits).
+    """
+    base = copy.deepcopy(llama_base).to(torch.bfloat16)
+    peft_model = peft_multi_adapter(base, llama_adapters)
+    model = copy.deepcopy(base)
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=4))
+    for slot, path in enumerate(llama_adapters.values()):
+        slots.load(path, slot=slot)
+    ids = [3, 0, -1, 1, 2, 2, 0, 3]
+    slots.route(ids)
+    adapter_names = ["__base__" if s == -1 else names[s] for s in ids]
+    with torch.no_grad():
+        expected = peft_model(tokens, adapter_names=adapter_names).logits.float()
+        fp32 = peft_multi_adapter(llama_base, llama_adapters)(tokens, adapter_names=adapter_names).logits
+        logits = model(tokens).logits.float()
+    bf16_error = (expected - fp32).abs().max().item()
+    torch.testing.assert_close(logits, expected, atol=min(max(bf16_error, 1e-2), 0.05), rtol=0)
