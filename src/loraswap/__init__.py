@@ -15,6 +15,7 @@ from .errors import (
     PickleRefusedError,
     RecompileError,
     ShapeMismatchError,
+    ShardingError,
     SlotError,
     UnsupportedAdapterError,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "PickleRefusedError",
     "RecompileError",
     "ShapeMismatchError",
+    "ShardingError",
     "SlotError",
     "UnsupportedAdapterError",
     "attach",

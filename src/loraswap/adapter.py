@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -64,6 +64,8 @@ UNSUPPORTED_CONFIG = {  # PEFT config option -> the feature a hot-swap cannot ta
 }
 
 AdapterSource = Union[str, os.PathLike, "Adapter"]
+# (module, role, tensor or safetensors slice) -> the part to keep, or None to keep it whole (tensor parallel)
+ShardFn = Callable[[str, str, Any], Union[torch.Tensor, None]]
 
 
 @dataclass(frozen=True)
@@ -278,14 +280,25 @@ def open_safetensors(path: Path):
         raise AdapterFormatError(f"{path}: not a valid safetensors file ({err}); re-download or re-save it") from err
 
 
-def read_safetensors(path: Path, config: Mapping[str, Any] | None) -> Adapter:
+def read_safetensors(path: Path, config: Mapping[str, Any] | None, shard: ShardFn | None = None) -> Adapter:
+    """With ``shard``, each tensor is read through a safetensors slice: only the part ``shard`` keeps."""
     with open_safetensors(path) as handle:
         keys = list(handle.keys())
         group_lora_keys(keys, str(path))  # reject foreign or incomplete files before reading tensors
         if config is None:
             config = _config_from_metadata(handle.metadata() or {}, path)
-        state_dict = {key: handle.get_tensor(key) for key in keys}
+        state_dict = {key: _read_part(key, handle.get_slice, shard, handle.get_tensor) for key in keys}
     return adapter_from_state_dict(state_dict, config, source=str(path))
+
+
+def _read_part(key: str, sliceable: Callable[[str], Any], shard: ShardFn | None, whole: Callable[[str], torch.Tensor]):
+    """The part of tensor ``key`` that ``shard`` keeps (read from ``sliceable(key)``), else ``whole(key)``."""
+    if shard is not None:
+        module, role = split_lora_key(key)
+        part = shard(module, role, sliceable(key))
+        if part is not None:
+            return part
+    return whole(key)
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
@@ -299,7 +312,7 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, 
         raise AdapterFormatError(f"{path}: invalid lora_adapter_metadata in the header ({err.msg})") from err
 
 
-def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool) -> Adapter:
+def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool, shard: ShardFn | None = None) -> Adapter:
     if not allow_pickle:
         raise PickleRefusedError(
             f"{path} is a pickled checkpoint; loraswap unpickles nothing unless asked: "
@@ -311,6 +324,7 @@ def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool
         raise AdapterFormatError(f"{path}: cannot be read with torch.load(weights_only=True) ({err})") from err
     if not isinstance(state_dict, Mapping):
         raise AdapterFormatError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+    state_dict = {key: _read_part(key, state_dict.get, shard, state_dict.get) for key in state_dict}
     return adapter_from_state_dict(state_dict, config, source=str(path))
 
 
@@ -355,20 +369,24 @@ def load_adapter(
     *,
     allow_pickle: bool = False,
     revision: str | None = None,
+    shard: ShardFn | None = None,
 ) -> Adapter:
-    """Read a LoRA adapter from a PEFT directory, a ``.safetensors`` file or a hub id."""
+    """Read a LoRA adapter from a PEFT directory, a ``.safetensors`` file or a hub id.
+
+    ``shard`` (tensor parallel) keeps part of each tensor; from safetensors only that part is read.
+    """
     if isinstance(source, Adapter):
         return source
     path = resolve_source(source, revision)
     if path.is_dir():
         config = read_config(path / CONFIG_NAME) if (path / CONFIG_NAME).exists() else None
         if (path / SAFETENSORS_NAME).exists():
-            return read_safetensors(path / SAFETENSORS_NAME, config)
+            return read_safetensors(path / SAFETENSORS_NAME, config, shard)
         if (path / PICKLE_NAME).exists():
-            return read_pickle(path / PICKLE_NAME, config, allow_pickle)
+            return read_pickle(path / PICKLE_NAME, config, allow_pickle, shard)
         raise AdapterNotFoundError(f"{path}: holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
     if path.suffix == ".safetensors":
-        return read_safetensors(path, None)
+        return read_safetensors(path, None, shard)
     if path.suffix in {".bin", ".pt", ".pth"}:
-        return read_pickle(path, None, allow_pickle)
+        return read_pickle(path, None, allow_pickle, shard)
     raise AdapterFormatError(f"{path}: unknown adapter file type {path.suffix!r}; expected .safetensors or a directory")
