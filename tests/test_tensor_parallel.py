@@ -26,7 +26,7 @@ from loraswap.tensor_parallel import TensorParallelSlots
 
 WORLD = 2
 JOIN_TIMEOUT_S = 240
-TP_LLAMA = dict(hidden=128, layers=2, vocab=96)  # 4 heads, 2 KV heads: both shard over 2 ranks
+TP_LLAMA = dict(hidden=128, layers=2, vocab=96, attention_bias=True, mlp_bias=True)  # 4 heads, 2 KV heads: both shard over 2 ranks; biases: colwise Shard(0), rowwise Replicate
 TP_ADAPTERS = {  # different ranks and targets: colwise only, rowwise only (with LoRA bias), both plus an unsharded embedding
     "colwise-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
     "rowwise-r8-bias": dict(r=8, lora_alpha=16, use_rslora=True, lora_bias=True, target_modules=["o_proj", "down_proj"]),
@@ -105,7 +105,10 @@ def check_swaps(mesh, workdir: Path) -> None:
     paths = [workdir / name for name in TP_ADAPTERS]
     slots = loraswap.attach(model, loraswap.Capacity.for_adapters(paths, model=model, slots=3, max_batch=4))
     assert isinstance(slots, TensorParallelSlots)
-    print(slots)
+    own = slots.shards.read(paths[2]).layers  # this rank's slices only: colwise lora_B rows, rowwise lora_A columns
+    assert own["model.layers.0.self_attn.q_proj"].lora_B.shape == (TP_LLAMA["hidden"] // WORLD, 16)
+    assert own["model.layers.0.mlp.down_proj"].lora_A.shape == (16, TP_LLAMA["hidden"])  # intermediate 256 / 2
+    assert own["model.embed_tokens"].lora_B.shape == (TP_LLAMA["hidden"], 16)  # not sharded: whole
     compiled = torch.compile(model, backend="eager")
 
     def expect(*rows: str) -> torch.Tensor:
@@ -125,8 +128,11 @@ def check_swaps(mesh, workdir: Path) -> None:
             expect(name, name, name)
         slots.route([0, 2, -1])
         expect(a, c, "base")
-        slots.load(paths[1], slot=2)  # into a slot that row 1 reads
+        slots.load(loraswap.load_adapter(paths[1]), slot=2)  # a whole in-memory adapter, into a slot row 1 reads
         expect(a, b, "base")
+        slots.blend({2: 1.0})
+        expect(b, b, b)
+        slots.route([0, 2, -1])
         slots.unload(slot=0)
         before = expect("base", b, "base")
 
