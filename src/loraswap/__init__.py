@@ -16,6 +16,7 @@ from .errors import (
     PickleRefusedError,
     RecompileError,
     ShapeMismatchError,
+    ShardingError,
     SlotError,
     UnsupportedAdapterError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "PickleRefusedError",
     "RecompileError",
     "ShapeMismatchError",
+    "ShardingError",
     "SlotError",
     "UnsupportedAdapterError",
     "attach",

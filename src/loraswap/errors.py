@@ -67,3 +67,7 @@ class ModeError(HotswapError, RuntimeError):
 
 class RecompileError(HotswapError, RuntimeError):
     """``torch.compile`` recompiled inside :func:`loraswap.no_recompile`."""
+
+
+class ShardingError(HotswapError, ValueError):
+    """A tensor-parallel (DTensor) sharding of a target layer that loraswap cannot attach to."""

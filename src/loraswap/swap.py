@@ -104,10 +104,14 @@ class AdapterSlots:
         """The adapter in slot layout: from the cache, else read, validated, padded and cached."""
 
         def build() -> PackedAdapter:
-            return self.pack(load_adapter(source, allow_pickle=allow_pickle))
+            return self.read_packed(source, allow_pickle)
 
         keep_alive = source if isinstance(source, Adapter) else None
         return self.cache.get_or_build(cache_key(source), build, keep_alive)
+
+    def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
+        """Read, validate and pad ``source``, bypassing the cache."""
+        return self.pack(load_adapter(source, allow_pickle=allow_pickle))
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
