@@ -306,10 +306,11 @@ def test_enable_lora_hotswap_drop_in(sd_pipe, sd_files, references, base_output)
 
 def test_enable_lora_hotswap_names_and_blends(sd_pipe, sd_files, references, base_output):
     pipe = copy.deepcopy(sd_pipe)
-    pipeline_slots = lsd.enable_lora_hotswap(pipe, target_rank=8, adapters=list(sd_files.values()), slots=2)
+    hotswap = lsd.enable_lora_hotswap(pipe, target_rank=8, adapters=list(sd_files.values()), slots=2)
     pipe.load_lora_weights(str(sd_files["unet-only"]), adapter_name="a")
     pipe.load_lora_weights(str(sd_files["te-only"]), adapter_name="b")
-    assert pipeline_slots.loaded == {0: str(sd_files["unet-only"]), 1: str(sd_files["te-only"])}
+    assert pipe.get_list_adapters() == {"unet": ["a"], "text_encoder": ["b"]}
+    assert hotswap.slots.loaded == {0: str(sd_files["unet-only"]), 1: str(sd_files["te-only"])}
     torch.testing.assert_close(generate(pipe), references["te-only"], atol=1e-4, rtol=0)
     pipe.set_adapters(["a"])
     torch.testing.assert_close(generate(pipe), references["unet-only"], atol=1e-4, rtol=0)

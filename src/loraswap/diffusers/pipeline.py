@@ -114,8 +114,11 @@ class PipelineSlots:
         }
         return PackedPipelineAdapter(packed, adapter.source)
 
-    def load(self, source: PipelineSource, slot: int = 0, *, allow_pickle: bool = False, **hub_kwargs: Any) -> None:
-        """Hot-swap ``source`` into ``slot`` of every component: transactional, cached, no recompilation."""
+    def load(
+        self, source: PipelineSource, slot: int = 0, *, allow_pickle: bool = False, **hub_kwargs: Any
+    ) -> PackedPipelineAdapter:
+        """Hot-swap ``source`` into ``slot`` of every component: transactional, cached, no recompilation.
+        Returns what was written (``components[name]`` is None where the LoRA leaves a component alone)."""
         self._check_slot(slot)
         packed = self.packed(source, allow_pickle=allow_pickle, **hub_kwargs)
         for component in self.components.values():
@@ -123,6 +126,7 @@ class PipelineSlots:
         with self._all_locks():
             self._write(packed, slot)
             self._loaded[slot] = packed.source
+        return packed
 
     def _write(self, packed: PackedPipelineAdapter, slot: int) -> None:
         """Every component's part into ``slot``; slot-mode copies cannot fail once packed."""
