@@ -52,7 +52,9 @@ def reference(peft_model, llama_base, tokens):
 def served(llama_base, llama_adapters):
     """A model attached with fewer slots than adapters, compiled once (eager backend: guards are what is tested)."""
     model = copy.deepcopy(llama_base)
-    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=SLOTS, max_batch=ROWS)
+    capacity = loraswap.Capacity.for_adapters(
+        llama_adapters.values(), model=model, slots=SLOTS, max_batch=ROWS, max_blend=2
+    )
     slots = loraswap.attach(model, capacity)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
@@ -165,6 +167,7 @@ def test_over_capacity_batch_raises_naming_both_numbers_and_changes_nothing(pool
     [
         ("no-such-adapter", loraswap.AdapterNotFoundError),
         ({"attn-r2": float("nan")}, loraswap.SlotError),
+        ({"attn-r2": 0.5, "mlp-r32-rslora": 0.5, "embed-and-v": 0.5}, loraswap.SlotError),  # over max_blend
     ],
 )
 def test_a_bad_row_raises_for_that_batch_only(pool, served, tokens, names, reference, bad, error):
