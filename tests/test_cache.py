@@ -68,7 +68,7 @@ def no_reading(monkeypatch):
         raise AssertionError("a warm load read the adapter again")
 
     def arm():
-        monkeypatch.setattr(loraswap.swap, "read_adapter", refuse)
+        monkeypatch.setattr(loraswap.swap, "load_adapter", refuse)
 
     return arm
 
@@ -167,14 +167,14 @@ def test_prefetch_makes_the_next_load_warm(base, adapters, references, tokens, n
 
 def test_load_during_prefetch_waits_instead_of_reading_twice(base, adapters, references, tokens, monkeypatch):
     reads = []
-    read = loraswap.swap.read_adapter
+    read = loraswap.swap.load_adapter
 
     def slow_read(*args, **kwargs):
         reads.append(threading.current_thread().name)
         time.sleep(0.2)  # keep the prefetch busy while the load arrives
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(loraswap.swap, "read_adapter", slow_read)
+    monkeypatch.setattr(loraswap.swap, "load_adapter", slow_read)
     model, slots = fresh(base)
     future = slots.prefetch(adapters["b"])
     slots.load(adapters["b"])

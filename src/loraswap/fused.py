@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, LayerLora, read_adapter
+from .adapter import Adapter, AdapterSource, LayerLora, load_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import CapacityError, LayoutChangedError, ModeError, NonFiniteError, SlotError
@@ -272,7 +272,7 @@ class FusedSlots:
         key = cache_key(source)
         fused = self.cache.get(key)
         if fused is None:
-            fused = self.pack(read_adapter(source, allow_pickle=allow_pickle, mapped=True))
+            fused = self.pack(load_adapter(source, allow_pickle=allow_pickle))
             self.cache.put(key, fused, keep_alive=source if isinstance(source, Adapter) else None)
         return fused
 

@@ -191,7 +191,7 @@ class SlotLayout:
         """Write a validated ``adapter`` into one slot row (``weights``/``scales``: one tensor per group).
 
         The row is zeroed, then every tensor is copied once, straight into its padded place: one
-        ``_foreach_copy_``, from the file's memory map when the adapter was read mapped.
+        ``_foreach_copy_``.
         """
         torch._foreach_zero_([*weights, *scales])
         scale_values = [[0.0] * g.layers for g in self.groups]

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, read_adapter
+from .adapter import Adapter, AdapterSource, load_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import LayoutChangedError, SlotError
@@ -110,8 +110,8 @@ class AdapterSlots:
         return self.cache.get_or_build(cache_key(source), build, keep_alive)
 
     def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
-        """Read, validate and pad ``source``, bypassing the cache (tensors copied once, from the file's memory map)."""
-        return self.pack(read_adapter(source, allow_pickle=allow_pickle, mapped=True))
+        """Read, validate and pad ``source``, bypassing the cache."""
+        return self.pack(load_adapter(source, allow_pickle=allow_pickle))
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
@@ -128,13 +128,13 @@ class AdapterSlots:
 
         Safe while forwards run when no row reads ``slot``; otherwise it waits for ``lock``.
         Without a host cache (``cache_bytes=0``) on CPU, the adapter is read and validated, then
-        copied from the file's memory map straight into the slot: no padded host copy is built.
+        copied straight into the slot: no padded host copy is built.
         """
         self.router.check_slot(slot)
         if self.cache.max_bytes or self._copy_stream is not None:
             self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
             return
-        adapter = read_adapter(source, allow_pickle=allow_pickle, mapped=True)
+        adapter = load_adapter(source, allow_pickle=allow_pickle)
         self._check_base_weights(adapter)
         self.layout.validate(adapter, cast=True)
         groups = len(self.layout.groups)
