@@ -233,7 +233,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise AdapterFormatError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterFormatError(f"{path}: the safetensors __metadata__ is not an object of strings; the file is corrupt")
+        raise AdapterFormatError(f"{path}: the safetensors __metadata__ is not an object of strings; it is corrupt")
     tensors = {key: _tensor_entry(path, key, value) for key, value in header.items()}
     data_start = 8 + header_bytes
     declared = _check_contiguous(path, tensors)
@@ -285,7 +285,7 @@ def _read_scalar(header: SafetensorsHeader, key: str) -> float:
 
 
 def detect_format(keys) -> str | None:
-    """``kohya``, ``xlabs``, ``diffusers`` or ``peft-safetensors`` from the key names, or None for no LoRA keys at all."""
+    """``kohya``, ``xlabs``, ``diffusers`` or ``peft-safetensors`` from the key names; None for no LoRA keys at all."""
     keys = list(keys)
     if any(key.startswith(tuple(_KOHYA_PREFIXES)) or key.endswith(".lora_down.weight") for key in keys):
         return FORMAT_KOHYA
