@@ -381,6 +381,8 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     files = {name: write_diffusers_lora(pipe, tmp_path / name, spec) for name, spec in specs.items()}
     files["kohya-flux"] = write_kohya_flux_lora(pipe, tmp_path / "kohya-flux.safetensors", seed=3)
     files["xlabs"] = write_xlabs_flux_lora(pipe, tmp_path / "xlabs.safetensors", seed=4)
+    xlabs = loraswap.inspect(files["xlabs"])  # inspect reads what the load takes
+    assert (xlabs.format, xlabs.components, xlabs.unsupported) == ("xlabs", ("transformer",), ())
     references = {}
     for name, path in files.items():
         reference = copy.deepcopy(pipe)

@@ -139,6 +139,7 @@ def test_lora_weights_of_a_non_float_dtype_are_refused(served, llama_adapters, t
         save_file({key: value.to(dtype) for key, value in tensors.items()}, path)
         with pytest.raises(loraswap.HotswapError, match="floating point"):
             slots.load(path)
+        assert any("not floating point" in reason for reason in loraswap.inspect(path).unsupported)
     assert_unchanged(model, before)
 
 

@@ -65,6 +65,8 @@ _DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "U64": (8, None),
 }
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # what a load accepts for LoRA weights
+
 # Key suffix -> role, per key family. Longer suffixes first where one ends another.
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "lora_A"),
@@ -473,12 +475,14 @@ def inspect(source: str | os.PathLike, revision: str | None = None) -> AdapterIn
         config_name = module[len(component) + 1 :] if component and file_format == FORMAT_DIFFUSERS else module
         layers[module] = _layer_info(header, module, roles, component_config, config_name)
     lora_keys = [key for roles in modules.values() for role, key in roles.items() if role != "alpha"]
+    dtypes = tuple(sorted({header.tensors[key].dtype for key in lora_keys}))
+    unsupported += [f"LoRA weights of dtype {dtype} (not floating point)" for dtype in dtypes if dtype not in FLOAT_DTYPES]
     return AdapterInfo(
         source=os.fspath(source),
         format=file_format,
         weights_file=str(weights),
         layers=layers,
-        dtypes=tuple(sorted({header.tensors[key].dtype for key in lora_keys})),
+        dtypes=dtypes,
         parameter_bytes=sum(header.tensors[key].end - header.tensors[key].begin for key in lora_keys),
         file_bytes=header.file_bytes,
         use_rslora=any(bool(options.get("use_rslora")) for options in configs.values()),
