@@ -170,7 +170,7 @@ def unsupported_in_keys(keys: Iterable[str]) -> list[Unsupported]:
 def unsupported_in_config(config: Mapping[str, Any]) -> list[Unsupported]:
     """One entry per PEFT config option that makes the adapter more than plain LoRA."""
     found = []
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    peft_type = str("LORA" if config.get("peft_type") is None else config["peft_type"]).upper()
     if peft_type != "LORA":
         feature = PEFT_TYPES.get(peft_type) or Feature(
             f"PEFT type {peft_type!r}", f"{peft_type!r} is not LoRA: it does not add one low-rank update B*A to a layer"
@@ -240,7 +240,7 @@ def check_config_fields(config: Mapping[str, Any], where: str) -> None:
     for option in ("use_rslora", "use_dora"):
         if option in config and config[option] is not None and not isinstance(config[option], bool):
             raise bad(option, "true or false")
-    if "peft_type" in config and not isinstance(config["peft_type"], str):
+    if config.get("peft_type") is not None and not isinstance(config["peft_type"], str):
         raise bad("peft_type", "a string such as 'LORA'")
 
 
