@@ -7,6 +7,7 @@ from .compile_guard import CompileCounter, no_recompile
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
+    AttachOrderError,
     CapacityError,
     HotswapError,
     LayoutChangedError,
@@ -15,6 +16,7 @@ from .errors import (
     PickleRefusedError,
     RecompileError,
     ShapeMismatchError,
+    ShardingError,
     SlotError,
     UnsupportedAdapterError,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "AdapterPool",
     "AdapterNotFoundError",
     "AdapterSlots",
+    "AttachOrderError",
     "Capacity",
     "CapacityError",
     "CompileCounter",
@@ -55,6 +58,7 @@ __all__ = [
     "PickleRefusedError",
     "RecompileError",
     "ShapeMismatchError",
+    "ShardingError",
     "SlotError",
     "UnsupportedAdapterError",
     "attach",

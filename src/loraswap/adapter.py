@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -47,6 +47,8 @@ _KEY_SUFFIXES = {
 }
 
 AdapterSource = Union[str, os.PathLike, "Adapter"]
+# (module, role, tensor or safetensors slice) -> the part to keep, or None to keep it whole (tensor parallel)
+ShardFn = Callable[[str, str, Any], Union[torch.Tensor, None]]
 
 
 @dataclass(frozen=True)
@@ -260,15 +262,26 @@ def open_safetensors(path: Path):
         raise AdapterFormatError(f"{path}: not a valid safetensors file ({err}); re-download or re-save it") from err
 
 
-def read_safetensors(path: Path, config: Mapping[str, Any] | None) -> Adapter:
+def read_safetensors(path: Path, config: Mapping[str, Any] | None, shard: ShardFn | None = None) -> Adapter:
+    """With ``shard``, each tensor is read through a safetensors slice: only the part ``shard`` keeps."""
     with open_safetensors(path) as handle:
         keys = list(handle.keys())
         if config is None:
             config = _config_from_metadata(handle.metadata() or {}, path)
         check_adapter_supported(keys, config, str(path))  # refuse unsupported, foreign or incomplete files
         group_lora_keys(keys, str(path))  # before reading tensors
-        state_dict = {key: handle.get_tensor(key) for key in keys}
+        state_dict = {key: _read_part(key, handle.get_slice, shard, handle.get_tensor) for key in keys}
     return adapter_from_state_dict(state_dict, config, source=str(path))
+
+
+def _read_part(key: str, sliceable: Callable[[str], Any], shard: ShardFn | None, whole: Callable[[str], torch.Tensor]):
+    """The part of tensor ``key`` that ``shard`` keeps (read from ``sliceable(key)``), else ``whole(key)``."""
+    if shard is not None:
+        module, role = split_lora_key(key)
+        part = shard(module, role, sliceable(key))
+        if part is not None:
+            return part
+    return whole(key)
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
@@ -285,7 +298,7 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, 
     return config
 
 
-def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool) -> Adapter:
+def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool, shard: ShardFn | None = None) -> Adapter:
     if not allow_pickle:
         raise PickleRefusedError(
             f"{path} is a pickled checkpoint; loraswap unpickles nothing unless asked: "
@@ -297,6 +310,7 @@ def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool
         raise AdapterFormatError(f"{path}: cannot be read with torch.load(weights_only=True) ({err})") from err
     if not isinstance(state_dict, Mapping):
         raise AdapterFormatError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+    state_dict = {key: _read_part(key, state_dict.get, shard, state_dict.get) for key in state_dict}
     return adapter_from_state_dict(state_dict, config, source=str(path))
 
 
@@ -341,20 +355,24 @@ def load_adapter(
     *,
     allow_pickle: bool = False,
     revision: str | None = None,
+    shard: ShardFn | None = None,
 ) -> Adapter:
-    """Read a LoRA adapter from a PEFT directory, a ``.safetensors`` file or a hub id."""
+    """Read a LoRA adapter from a PEFT directory, a ``.safetensors`` file or a hub id.
+
+    ``shard`` (tensor parallel) keeps part of each tensor; from safetensors only that part is read.
+    """
     if isinstance(source, Adapter):
         return source
     path = resolve_source(source, revision)
     if path.is_dir():
         config = read_config(path / CONFIG_NAME) if (path / CONFIG_NAME).exists() else None
         if (path / SAFETENSORS_NAME).exists():
-            return read_safetensors(path / SAFETENSORS_NAME, config)
+            return read_safetensors(path / SAFETENSORS_NAME, config, shard)
         if (path / PICKLE_NAME).exists():
-            return read_pickle(path / PICKLE_NAME, config, allow_pickle)
+            return read_pickle(path / PICKLE_NAME, config, allow_pickle, shard)
         raise AdapterNotFoundError(f"{path}: holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
     if path.suffix == ".safetensors":
-        return read_safetensors(path, None)
+        return read_safetensors(path, None, shard)
     if path.suffix in {".bin", ".pt", ".pth"}:
-        return read_pickle(path, None, allow_pickle)
+        return read_pickle(path, None, allow_pickle, shard)
     raise AdapterFormatError(f"{path}: unknown adapter file type {path.suffix!r}; expected .safetensors or a directory")

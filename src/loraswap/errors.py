@@ -54,7 +54,11 @@ class SlotError(HotswapError, IndexError):
 
 
 class LayoutChangedError(HotswapError, RuntimeError):
-    """The slot buffers no longer alias their flat storage (the model was moved or cast after ``attach``)."""
+    """The slot buffers no longer alias their flat storage (the model was moved, cast or quantized after ``attach``)."""
+
+
+class AttachOrderError(HotswapError, RuntimeError):
+    """``attach`` was given a model already wrapped by ``torch.compile``: attach first, then compile."""
 
 
 class ModeError(HotswapError, RuntimeError):
@@ -63,3 +67,7 @@ class ModeError(HotswapError, RuntimeError):
 
 class RecompileError(HotswapError, RuntimeError):
     """``torch.compile`` recompiled inside :func:`loraswap.no_recompile`."""
+
+
+class ShardingError(HotswapError, ValueError):
+    """A tensor-parallel (DTensor) sharding of a target layer that loraswap cannot attach to."""

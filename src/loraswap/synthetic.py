@@ -36,6 +36,17 @@ def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, seed: int = 
     return LlamaForCausalLM(config).eval()
 
 
+def llama_tp_plan(layers: int) -> dict[str, Any]:
+    """The standard tensor-parallel plan for a Llama's decoder layers, for ``parallelize_module``:
+    q/k/v and gate/up colwise, o and down rowwise (embeddings and the head stay replicated)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {"self_attn.o_proj": RowwiseParallel, "mlp.down_proj": RowwiseParallel}
+    colwise = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    styles.update(dict.fromkeys(colwise, ColwiseParallel))
+    return {f"model.layers.{layer}.{name}": style() for layer in range(layers) for name, style in styles.items()}
+
+
 def write_peft_adapter(base: nn.Module, path: str | Path, seed: int = 0, **lora_config: Any) -> Path:
     """Write a PEFT LoRA adapter for ``base`` with random (non-zero) A and B to ``path``."""
     from peft import LoraConfig, get_peft_model

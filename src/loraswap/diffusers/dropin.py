@@ -1,186 +1,200 @@
-"""The drop-in for diffusers users: ``pipe.enable_lora_hotswap`` + ``pipe.load_lora_weights(..., hotswap=True)``,
-limits lifted.
+"""The drop-in for diffusers users: ``enable_lora_hotswap`` + ``load_lora_weights(..., hotswap=True)`` on a
+pipeline, limits lifted (the model-level drop-in is :mod:`.model`; both are reached through diffusers'
+own methods after :func:`loraswap.diffusers.patch`, see :mod:`.patch`).
 
-:func:`enable_lora_hotswap` attaches and routes the pipeline's own ``load_lora_weights``,
-``unload_lora_weights``, ``set_adapters`` and ``delete_adapters`` to loraswap (see its docstring).
+:func:`enable_lora_hotswap` gives the pipeline *instance* loraswap-backed LoRA methods with diffusers'
+signatures. As in diffusers, the capacity is sized at the first load unless ``adapters`` names the
+LoRAs up front: each component gets the layers that LoRA targets plus its usual LoRA layers, padded
+to ``target_rank``; compile after that first load.
 """
 
 from __future__ import annotations
 
 import types
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from ..capacity import Capacity
-from ..errors import CapacityError, HotswapError, RankOverCapacityError, SlotError
+from ..errors import CapacityError, ModeError
 from ..layers import slot_layer_class
+from .model import DEFAULT_DENOISER_TARGETS, ModelHotswap, enable_model_lora_hotswap
+from .naming import NamedAdapters, check_enable, take_over_peft_adapters
 from .pipeline import PipelineSlots, attach, capacities_for
-from .reading import PipelineSource, is_text_encoder, lora_components, source_cache_key
+from .reading import (
+    PipelineAdapter,
+    PipelineSource,
+    is_text_encoder,
+    lora_components,
+    read_pipeline_adapter,
+    source_cache_key,
+)
 
-# Layers that diffusers and kohya trainers put LoRAs on, used by enable_lora_hotswap when the caller
-# names neither the adapters nor target_modules (PEFT meaning: name suffixes).
-DEFAULT_DENOISER_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "proj_in", "proj_out", "proj_mlp", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-)  # fmt: skip
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
+class PipelineHotswap:
+    """loraswap behind one pipeline's LoRA methods; ``slots`` is None until the first load (or ``adapters``)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        target_rank: int,
+        target_modules: Mapping[str, Sequence[str] | str] | None,
+        slot_count: int,
+        cache_bytes: int | None,
+    ) -> None:
+        self.pipe = pipe
+        self.target_rank = target_rank
+        self.target_modules = dict(target_modules or {})
+        self.cache_bytes = cache_bytes
+        self.names = NamedAdapters(slot_count)
+        self.slots: PipelineSlots | None = None
+        self.components_of: dict[str, list[str]] = {}  # adapter name -> components it changes
+
+    def attach(self, capacities: Mapping[str, Capacity]) -> None:
+        self.slots = attach(self.pipe, capacities, self.names.slot_count, cache_bytes=self.cache_bytes)
+        self.names.target = self.slots
+
+    def load(self, source: PipelineSource, adapter_name: str | None, hotswap: bool, hub_kwargs: Mapping[str, Any]) -> None:
+        name, slot = self.names.slot_for_load(adapter_name, hotswap)
+        if self.slots is None:
+            source = read_pipeline_adapter(self.pipe, source, **hub_kwargs)
+            self.attach(self.first_capacities([source]))
+            hub_kwargs = {}
+        packed = self.slots.load(source, slot, **hub_kwargs)
+        self.components_of[name] = [component for component, part in packed.components.items() if part is not None]
+        self.names.loaded(name, slot, hotswap)
+
+    def first_capacities(self, adapters: Sequence[PipelineAdapter]) -> dict[str, Capacity]:
+        """Per component: the LoRAs' layers plus its usual LoRA layers, at ``target_rank`` (diffusers' sizing)."""
+        for adapter in adapters:
+            if adapter.max_rank > self.target_rank:
+                raise CapacityError(
+                    f"{adapter.source}: rank {adapter.max_rank} is above target_rank={self.target_rank}; call "
+                    f"enable_lora_hotswap(target_rank={adapter.max_rank}) or more before loading the first LoRA"
+                )
+        capacities = {}
+        for name, module in lora_components(self.pipe).items():
+            targets = self.target_modules.get(name) or (
+                DEFAULT_TEXT_ENCODER_TARGETS if is_text_encoder(module) else DEFAULT_DENOISER_TARGETS
+            )
+            layers = usual_layers(module, Capacity(max_rank=self.target_rank, target_modules=targets))
+            for adapter in adapters:
+                if name in adapter.components:
+                    layers |= adapter.components[name].target_names
+            if layers:
+                bias = any(a.components[name].has_bias for a in adapters if name in a.components)
+                capacities[name] = Capacity(
+                    max_rank=self.target_rank, target_modules=tuple(sorted(layers)), slots=self.names.slot_count,
+                    lora_bias=bias,
+                )  # fmt: skip
+        return capacities
+
+
+def usual_layers(module: nn.Module, capacity: Capacity) -> set[str]:
+    """The layers of ``module`` that ``capacity`` targets and loraswap can wrap, by full name."""
+    module = getattr(module, "_orig_mod", module)
+    return {n for n, m in module.named_modules() if n and capacity.matches(n) and slot_layer_class(m) is not None}
+
 
 def enable_lora_hotswap(
-    pipe: Any,
-    target_rank: int,
+    pipe_or_model: Any,
+    target_rank: int = 128,
     *,
     adapters: Iterable[PipelineSource] | None = None,
     target_modules: Mapping[str, Sequence[str] | str] | None = None,
     slots: int = 1,
     cache_bytes: int | None = None,
     check_compiled: str = "error",
-) -> PipelineSlots:
-    """Attach loraswap to ``pipe`` and route its LoRA methods to it; call before compiling.
+) -> PipelineHotswap | ModelHotswap:
+    """Route a pipeline's (or a diffusers model's, see :func:`.model.enable_model_lora_hotswap`) LoRA methods
+    to loraswap, for that instance only; call before loading the first LoRA and before compiling.
 
-    Routing: the pipeline *instance* gets four attributes that shadow the class's methods (the
-    class and every other pipeline are untouched; ``type(pipe).load_lora_weights`` is still diffusers'):
+    Routed on the pipeline, with diffusers' signatures:
 
-    - ``pipe.load_lora_weights(source, adapter_name=None, hotswap=False, **kwargs)`` ->
-      :meth:`PipelineSlots.load` into the slot named ``adapter_name``, then activates it. With
-      ``hotswap=True`` it replaces the named adapter (or, unnamed, the last one loaded), text
-      encoders included; with ``hotswap=False`` it takes a free slot. ``kwargs`` (``weight_name``,
-      ``subfolder``, ...) go to diffusers' ``lora_state_dict``.
-    - ``pipe.unload_lora_weights()`` -> empties every slot.
-    - ``pipe.set_adapters(names, adapter_weights=None)`` -> :meth:`PipelineSlots.blend`.
-    - ``pipe.delete_adapters(names)`` -> empties those slots.
+    - ``load_lora_weights(source, adapter_name=None, hotswap=False, **kwargs)`` -> loads every component's
+      part into the slot of ``adapter_name`` and makes it the active adapter. ``hotswap=True`` replaces the
+      named adapter (unnamed: the last one loaded), text encoders included; ``hotswap=False`` takes a free
+      slot. ``kwargs`` (``weight_name``, ``subfolder``, ...) go to diffusers' ``lora_state_dict``.
+    - ``set_adapters(names, adapter_weights=None)`` (blend, also after ``torch.compile``),
+      ``delete_adapters(names)``, ``unload_lora_weights()``, ``disable_lora()`` / ``enable_lora()``,
+      ``get_active_adapters()``, ``get_list_adapters()``; ``fuse_lora`` / ``unfuse_lora`` raise
+      :class:`~loraswap.ModeError` (use ``attach(pipe, loras, mode="fused")``).
 
-    Capacity: ``adapters`` (the LoRAs to be served) gives each component the union of their targets;
-    else ``target_modules`` (component -> PEFT target_modules) or the usual LoRA layers of each
-    component (attention, feed-forward and projection layers; q/k/v/out_proj/fc1/fc2 in text
-    encoders), each padded to ``target_rank``. Lifted against diffusers: text encoders hot-swap,
-    a LoRA may target layers the first did not, a rank above ``target_rank`` raises instead of
-    recompiling, kohya per-module alphas load, and a failed load leaves the loaded adapter in place.
-    ``check_compiled`` ("error", "warn", "ignore"), as in diffusers: a component compiled before this
-    call compiles again at its next forward, once.
+    Capacity: ``adapters`` (the LoRAs to be served) gives each component the union of their targets,
+    at once; otherwise the first load sizes it (its layers plus ``target_modules`` per component or the
+    usual LoRA layers). ``slots``: how many adapters can be loaded at once. Lifted against diffusers:
+    text encoders hot-swap, a LoRA may target layers the first did not, kohya per-module alphas load, a
+    failed load leaves the loaded adapter in place, and a per-call scale compiles nothing. Kept: a rank
+    above ``target_rank`` raises (``ValueError``), and ``check_compiled`` acts as in diffusers when an
+    adapter is already loaded through diffusers/PEFT ("error": ``RuntimeError``; "warn"/"ignore": that
+    adapter is taken over into slots).
     """
-    components = lora_components(pipe)
-    compiled = sorted(name for name, module in components.items() if _is_compiled(module))
-    if compiled and check_compiled != "ignore":
-        message = f"{compiled} already compiled: call enable_lora_hotswap before compiling, or they recompile once"
-        if check_compiled == "error":
-            raise HotswapError(message)
-        warnings.warn(message, stacklevel=2)
+    unwrapped = getattr(pipe_or_model, "_orig_mod", pipe_or_model)
+    if isinstance(unwrapped, nn.Module):
+        return enable_model_lora_hotswap(unwrapped, target_rank, check_compiled, slots=slots)
+    pipe = pipe_or_model
+    components = {name: getattr(module, "_orig_mod", module) for name, module in lora_components(pipe).items()}
+    taken_over = _take_over(components) if check_enable(components, check_compiled) else {}
+    state = PipelineHotswap(pipe, target_rank, target_modules, slots, cache_bytes)
     if adapters is not None:
         capacities, read = capacities_for(pipe, adapters, slots=slots, min_rank=target_rank)
-    else:
-        capacities, read = {}, []
-        for name, module in components.items():
-            targets = (target_modules or {}).get(name) or (
-                DEFAULT_TEXT_ENCODER_TARGETS if is_text_encoder(module) else DEFAULT_DENOISER_TARGETS
-            )
-            capacity = Capacity(max_rank=target_rank, target_modules=targets, slots=slots)
-            capacities.update(_wrappable_only(name, module, capacity))
-    pipeline_slots = attach(pipe, capacities, slots, cache_bytes=cache_bytes)
-    for source, adapter in read:
-        key = source_cache_key(source, {})
-        if key is not None:
-            pipeline_slots.cache.put(key, pipeline_slots.pack(adapter))
-    _route_lora_methods(pipe, pipeline_slots, target_rank)
-    return pipeline_slots
+        state.attach(capacities)
+        for source, adapter in read:
+            key = source_cache_key(source, {})
+            if key is not None:
+                state.slots.cache.put(key, state.slots.pack(adapter))
+    elif taken_over:
+        state.attach(state.first_capacities(list(taken_over.values())))
+    for name, adapter in taken_over.items():
+        state.load(adapter, name, hotswap=False, hub_kwargs={})
+    _route_lora_methods(pipe, state)
+    return state
 
 
-def _is_compiled(module: nn.Module) -> bool:
-    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
+def _take_over(components: Mapping[str, nn.Module]) -> dict[str, PipelineAdapter]:
+    """Adapters diffusers/PEFT already loaded into the components, by adapter name, out of the PEFT layers."""
+    parts: dict[str, dict] = {}
+    for component, module in components.items():
+        for name, adapter in take_over_peft_adapters(module, component).items():
+            parts.setdefault(name, {})[component] = adapter
+    return {name: PipelineAdapter(by_component, f"<{name} loaded before enable_lora_hotswap>") for name, by_component in parts.items()}
 
 
-def _wrappable_only(name: str, module: nn.Module, capacity: Capacity) -> dict[str, Capacity]:
-    """The default targets narrowed to the layers loraswap can wrap (Linear, Conv, Embedding), by full name."""
-    names = tuple(
-        sorted(n for n, m in module.named_modules() if n and capacity.matches(n) and slot_layer_class(m) is not None)
-    )
-    if not names:
-        return {}
-    return {name: Capacity(max_rank=capacity.max_rank, target_modules=names, slots=capacity.slots)}
-
-
-class _AdapterNames:
-    """The drop-in's adapter names -> slots, as diffusers names adapters (``default_0``, ``default_1``, ...)."""
-
-    def __init__(self, slots: PipelineSlots) -> None:
-        self.slots = slots
-        self.by_name: dict[str, int] = {}
-        self.last: str | None = None
-
-    def slot_for_load(self, adapter_name: str | None, hotswap: bool) -> tuple[str, int]:
-        if hotswap:
-            name = adapter_name or self.last
-            if name is None or name not in self.by_name:
-                if not self.by_name and adapter_name is None:
-                    return "default_0", 0
-                raise SlotError(
-                    f"hotswap=True needs the name of a loaded adapter, got {adapter_name!r}; loaded: "
-                    f"{sorted(self.by_name)}. Load it once with hotswap=False first"
-                )
-            return name, self.by_name[name]
-        name = adapter_name or f"default_{len(self.by_name)}"
-        if name in self.by_name:
-            raise SlotError(f"adapter name {name!r} is already loaded; pass hotswap=True to replace it")
-        free = [s for s in range(self.slots.slots) if s not in self.by_name.values()]
-        if not free:
-            raise SlotError(
-                f"all {self.slots.slots} slot(s) hold adapters ({sorted(self.by_name)}); pass hotswap=True with "
-                "adapter_name to replace one, or enable_lora_hotswap(..., slots=N) for more"
-            )
-        return name, free[0]
-
-    def slots_of(self, names: str | Sequence[str]) -> list[int]:
-        names = [names] if isinstance(names, str) else list(names)
-        for name in names:
-            if name not in self.by_name:
-                raise SlotError(f"no adapter named {name!r} is loaded; loaded: {sorted(self.by_name)}")
-        return [self.by_name[name] for name in names]
-
-
-def _route_lora_methods(pipe: Any, pipeline_slots: PipelineSlots, target_rank: int) -> None:
-    names = _AdapterNames(pipeline_slots)
+def _route_lora_methods(pipe: Any, state: PipelineHotswap) -> None:
+    names = state.names
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap=False, **kwargs):
         kwargs.pop("low_cpu_mem_usage", None)
-        name, slot = names.slot_for_load(adapter_name, hotswap)
-        try:
-            pipeline_slots.load(pretrained_model_name_or_path_or_dict, slot, **kwargs)
-        except RankOverCapacityError as err:  # say it in the drop-in's words: target_rank, not Capacity.max_rank
-            raise CapacityError(
-                f"layer {err.layer!r}: the LoRA's rank {err.rank} exceeds the rank {err.capacity_rank} that "
-                f"enable_lora_hotswap(target_rank={target_rank}) padded it to; call enable_lora_hotswap with "
-                f"target_rank={err.rank} (or more) before compiling"
-            ) from err
-        names.by_name[name] = slot
-        names.last = name
-        pipeline_slots.activate(slot)
+        state.load(pretrained_model_name_or_path_or_dict, adapter_name, hotswap, kwargs)
 
-    def unload_lora_weights(self, *args, **kwargs):
-        for slot in sorted(set(names.by_name.values())):
-            pipeline_slots.unload(slot)
-        names.by_name.clear()
-        names.last = None
+    def get_list_adapters(self):
+        listed: dict[str, list[str]] = {}
+        for name in names.by_name:
+            for component in state.components_of.get(name, []):
+                listed.setdefault(component, []).append(name)
+        return listed
 
-    def set_adapters(self, adapter_names, adapter_weights=None):
-        slot_ids = names.slots_of(adapter_names)
-        if adapter_weights is None:
-            adapter_weights = [1.0] * len(slot_ids)
-        elif not isinstance(adapter_weights, Sequence):
-            adapter_weights = [adapter_weights] * len(slot_ids)
-        if any(isinstance(weight, Mapping) for weight in adapter_weights):
-            raise HotswapError("per-component or per-block adapter_weights are not supported by loraswap; pass floats")
-        pipeline_slots.blend(dict(zip(slot_ids, map(float, adapter_weights))))
+    def fused_mode_only(self, *args, **kwargs):
+        raise ModeError(
+            "fuse_lora/unfuse_lora merge into the base weights, which loraswap's slot mode never changes; "
+            "for zero per-step cost use loraswap.diffusers.attach(pipe, loras, mode='fused')"
+        )
 
-    def delete_adapters(self, adapter_names):
-        for name, slot in zip([adapter_names] if isinstance(adapter_names, str) else adapter_names,
-                              names.slots_of(adapter_names)):  # fmt: skip
-            pipeline_slots.unload(slot)
-            del names.by_name[name]
-
-    for function in (load_lora_weights, unload_lora_weights, set_adapters, delete_adapters):
-        object.__setattr__(pipe, function.__name__, types.MethodType(function, pipe))
-    object.__setattr__(pipe, "loraswap_slots", pipeline_slots)
+    methods = {
+        "load_lora_weights": load_lora_weights,
+        "set_adapters": lambda self, adapter_names, adapter_weights=None: names.set_adapters(adapter_names, adapter_weights),
+        "delete_adapters": lambda self, adapter_names: names.delete(adapter_names),
+        "unload_lora_weights": lambda self, *args, **kwargs: names.unload_all(),
+        "disable_lora": lambda self: names.enable(False),
+        "enable_lora": lambda self: names.enable(True),
+        "get_active_adapters": lambda self: names.active(),
+        "get_list_adapters": get_list_adapters,
+        "fuse_lora": fused_mode_only,
+        "unfuse_lora": fused_mode_only,
+    }
+    for method_name, function in methods.items():
+        object.__setattr__(pipe, method_name, types.MethodType(function, pipe))
+    object.__setattr__(pipe, "loraswap_hotswap", state)

@@ -26,13 +26,21 @@ from ..adapter import Adapter
 from ..attach import attach as attach_model
 from ..cache import AdapterCache, default_cache_bytes
 from ..capacity import Capacity, check_targets_exist, union_of_ranks
-from ..errors import CapacityError, HotswapError, SlotError
+from ..errors import CapacityError, HotswapError, ModeError, SlotError
 from ..fused import FusedAdapter, FusedSlots
 from ..layers import SlotLayer
 from ..layout import PackedAdapter
 from ..routing import BlendWeights
 from ..swap import AdapterSlots
-from .reading import PipelineAdapter, PipelineSource, lora_components, read_pipeline_adapter, source_cache_key
+from .prompts import CallLayout, call_layout, component_rows, route_calls
+from .reading import (
+    PipelineAdapter,
+    PipelineSource,
+    is_text_encoder,
+    lora_components,
+    read_pipeline_adapter,
+    source_cache_key,
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,9 @@ class PipelineSlots:
         self.slots = min(s.capacity.slots for s in self.components.values())
         self._loaded: dict[int, str] = {}
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._rows: BlendWeights | list[BlendWeights] | None = {0: 1.0}  # per prompt; None: routed per token
+        self._written: tuple | None = None  # the rows and call layout the components' tables hold
+        route_calls(pipe, self._call)
 
     @property
     def loaded(self) -> dict[int, str]:
@@ -103,15 +114,18 @@ class PipelineSlots:
         }
         return PackedPipelineAdapter(packed, adapter.source)
 
-    def load(self, source: PipelineSource, slot: int = 0, *, allow_pickle: bool = False, **hub_kwargs: Any) -> None:
-        """Hot-swap ``source`` into ``slot`` of every component: transactional, cached, no recompilation."""
+    def load(
+        self, source: PipelineSource, slot: int = 0, *, allow_pickle: bool = False, **hub_kwargs: Any
+    ) -> PackedPipelineAdapter:
+        """Hot-swap ``source`` into ``slot`` of every component: transactional, cached, no recompilation.
+        Returns what was written (``components[name]`` is None where the LoRA leaves a component alone)."""
         self._check_slot(slot)
         packed = self.packed(source, allow_pickle=allow_pickle, **hub_kwargs)
-        for component in self.components.values():
-            component._check_layout()
+        self._check_layouts()
         with self._all_locks():
             self._write(packed, slot)
             self._loaded[slot] = packed.source
+        return packed
 
     def _write(self, packed: PackedPipelineAdapter, slot: int) -> None:
         """Every component's part into ``slot``; slot-mode copies cannot fail once packed."""
@@ -127,6 +141,7 @@ class PipelineSlots:
     def unload(self, slot: int = 0) -> None:
         """Empty ``slot`` in every component."""
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.unload(slot)
@@ -135,26 +150,64 @@ class PipelineSlots:
     def activate(self, slot: int) -> None:
         """Every row of every component uses ``slot``."""
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.activate(slot)
+            self._rows, self._written = {slot: 1.0}, None
 
     def route(self, ids: Sequence[int], *, per_token: bool = False) -> None:
-        """Row ``i`` of every component's batch uses slot ``ids[i]`` (-1: base model).
+        """Prompt ``i`` of the next pipeline calls uses slot ``ids[i]`` (-1: base model), in every component.
 
-        A pipeline batches differently per component: with classifier-free guidance the unet sees
-        ``[negative rows; positive rows]`` while the text encoder sees each half separately. Route the
-        unet with ``ids + ids`` then, through ``slots.components["unet"].route(...)``.
+        Every row a prompt produces is routed: its text-encoder rows, and its denoiser rows for each
+        image (``num_images_per_prompt``) and each guidance branch (see :mod:`.prompts`). A component
+        called directly sees row ``i`` routed to ``ids[i]``. ``per_token=True`` routes packed token
+        positions of every component as given, with no per-prompt layout.
         """
-        with self._all_locks():
-            for component in self.components.values():
-                component.route(ids, per_token=per_token)
+        self._check_layouts()
+        if per_token:
+            with self._all_locks():
+                for component in self.components.values():
+                    component.route(ids, per_token=True)
+                self._rows, self._written = None, None
+            return
+        for slot in ids:
+            if slot != -1:
+                self._check_slot(slot)
+        self.blend([{} if slot == -1 else {slot: 1.0} for slot in ids])
 
     def blend(self, weights: BlendWeights | Sequence[BlendWeights]) -> None:
-        """Every row (or row ``i``, given a list) of every component uses the weighted sum of the given slots."""
+        """Every prompt (or prompt ``i``, given a list) of the next pipeline calls uses the weighted sum of
+        the given slots, in every row it produces in every component (see :meth:`route`)."""
+        rows = dict(weights) if isinstance(weights, Mapping) else [dict(row) for row in weights]
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
-                component.blend(weights)
+                component.blend(rows)
+            self._rows, self._written = rows, None
+
+    def _call(self, pipeline_call: Callable, args: tuple, kwargs: dict) -> Any:
+        """One pipeline call: every component's routing laid out for its batch, the scale a routing weight."""
+        layout, args, kwargs = call_layout(self.pipe, pipeline_call, args, kwargs)
+        with self.lock:
+            self._lay_out(layout)
+            return pipeline_call(*args, **kwargs)
+
+    def _lay_out(self, layout: CallLayout) -> None:
+        if self._rows is None:
+            if layout.scale != 1.0:
+                raise SlotError(
+                    f"a LoRA scale of {layout.scale} cannot apply to per-token routing; route per prompt "
+                    "(route(ids) without per_token) or drop the scale"
+                )
+            return
+        if self._written == (id(self._rows), layout):
+            return
+        with self._all_locks():
+            for name, component in self.components.items():
+                module = getattr(self.pipe, name)
+                component.blend(component_rows(self._rows, layout, denoiser=not is_text_encoder(module)))
+            self._written = (id(self._rows), layout)
 
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.slots:
@@ -162,6 +215,11 @@ class PipelineSlots:
                 f"slot {slot!r} is outside the {self.slots} slot(s) allocated; use 0..{self.slots - 1} "
                 "or attach with slots= larger"
             )
+
+    def _check_layouts(self) -> None:
+        """Raise :class:`LayoutChangedError` before any component changes when one was moved or cast after attach."""
+        for component in self.components.values():
+            component._check_layout()
 
     def _all_locks(self):
         return _Locks([self.lock, *(component.lock for component in self.components.values())])
@@ -183,6 +241,13 @@ class FusedPipelineSlots(PipelineSlots):
 
     components: dict[str, FusedSlots]
 
+    def _lay_out(self, layout: CallLayout) -> None:
+        if layout.scale != 1.0:
+            raise ModeError(
+                f"a LoRA scale of {layout.scale} was passed, but fused mode merged the LoRA at scale 1.0; "
+                "attach with mode='slots' for per-call strengths"
+            )
+
     def _write(self, packed: PackedPipelineAdapter, slot: int) -> None:
         previous = {name: component.staged_in(slot) for name, component in self.components.items()}
         self._in_every_component(
@@ -192,6 +257,7 @@ class FusedPipelineSlots(PipelineSlots):
 
     def activate(self, slot: int) -> None:
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             previous = {name: component.active for name, component in self.components.items()}
             self._in_every_component(

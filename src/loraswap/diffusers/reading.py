@@ -77,7 +77,7 @@ def is_text_encoder(module: nn.Module) -> bool:
     """transformers models (text encoders) take diffusers' text-encoder key path; diffusers models the other."""
     from diffusers import ModelMixin
 
-    return not isinstance(module, ModelMixin)
+    return not isinstance(getattr(module, "_orig_mod", module), ModelMixin)  # torch.compile's wrapper unwrapped
 
 
 
