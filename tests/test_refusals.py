@@ -309,15 +309,22 @@ def test_a_converter_assertion_arrives_as_a_format_error_naming_the_file(pipelin
     assert_pipeline_unchanged(pipe, before)
 
 
-def test_enable_lora_hotswap_rank_error_names_target_rank(tmp_path):
+def test_enable_lora_hotswap_rank_errors_name_target_rank(tmp_path):
+    """Over target_rank at the first load (which sizes the capacity) and at a later hotswap, the error speaks of
+    target_rank, the drop-in's word, not of Capacity.max_rank."""
     from loraswap import diffusers as lsd
     from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
 
     pipe = tiny_sd_pipeline()
-    path = write_kohya_lora(pipe, tmp_path / "r4.safetensors", LoraSpec(targets={"unet": ["to_q"]}, rank=4))
+    r2, r4 = (write_kohya_lora(pipe, tmp_path / f"r{rank}.safetensors", LoraSpec(targets={"unet": ["to_q"]}, rank=rank))
+              for rank in (2, 4))  # fmt: skip
     lsd.enable_lora_hotswap(pipe, target_rank=2)
+    expected = r"rank 4 .*target_rank=2.*target_rank=4"
+    with pytest.raises(CapacityError, match=expected) as first:
+        pipe.load_lora_weights(str(r4))
+    pipe.load_lora_weights(str(r2), adapter_name="style")
     before = pipeline_snapshot(pipe)
-    with pytest.raises(CapacityError, match=r"rank 4 exceeds .*target_rank=2.*target_rank=4") as raised:
-        pipe.load_lora_weights(str(path))
-    assert "Capacity.max_rank" not in str(raised.value)
+    with pytest.raises(CapacityError, match=expected) as later:
+        pipe.load_lora_weights(str(r4), adapter_name="style", hotswap=True)
+    assert "Capacity.max_rank" not in str(first.value) + str(later.value)
     assert_pipeline_unchanged(pipe, before)
