@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
+import peft
 import peft.utils.hotswap as peft_hotswap
 from peft import LoraConfig, PeftModel, get_peft_model
 
