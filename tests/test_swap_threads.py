@@ -183,7 +183,7 @@ def test_soak_forward_threads_against_a_thread_that_loads_activates_routes_blend
     for thread, thread_outputs in enumerate(outputs):
         for index, output in enumerate(thread_outputs):
             matches = [ref for ref, reference in enumerate(references) if torch.equal(output, reference)]
-            assert len(matches) == 1, f"thread {thread} forward {index} matches {len(matches)} states: it saw a half-done verb"
+            assert len(matches) == 1, f"thread {thread} forward {index} matches {len(matches)} states: a half-done verb"
             hits[matches[0]] += 1
     print(
         f"soak: {len(script)} verbs, {[len(o) for o in outputs]} forwards per thread, "

@@ -122,7 +122,10 @@ def checked(llama_base, llama_adapters, llama_tokens):
 
 
 ROW_MISMATCHES = {
-    "fewer ids than rows": (lambda slots: slots.route([0, 1]), "batch has 3 rows but the last route\\(\\)/blend\\(\\) gave 2"),
+    "fewer ids than rows": (
+        lambda slots: slots.route([0, 1]),
+        r"batch has 3 rows but the last route\(\)/blend\(\) gave 2",
+    ),
     "more ids than rows": (lambda slots: slots.route([0, 1, -1, 1]), "3 rows but .* gave 4"),
     "blend rows": (lambda slots: slots.blend([{0: 1.0}, {1: 0.5}]), "3 rows but .* gave 2"),
     "per token": (lambda slots: slots.route([0] * 26, per_token=True), "27 tokens but .* gave 26"),
