@@ -29,10 +29,16 @@ SWAPS = 24
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def parts(tmp_path_factory):
+    """The base model, a batch and the adapters every test here serves."""
     base = tiny_llama(hidden=64, layers=2, vocab=128)
     tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    paths = write_adapters(base, tmp_path_factory.mktemp("adapters"), ADAPTERS)
+    return base, tokens, write_adapters(base, tmp_path_factory.mktemp("adapters"), ADAPTERS)
+
+
+@pytest.fixture(scope="module")
+def setup(parts):
+    base, tokens, paths = parts
     model = copy.deepcopy(base)
     slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=2))
     with torch.no_grad():
@@ -139,10 +145,8 @@ def reset(slots) -> None:
     slots.activate(0)
 
 
-def test_soak_forward_threads_against_a_thread_that_loads_activates_routes_blends_and_unloads(tmp_path_factory):
-    base = tiny_llama(hidden=64, layers=2, vocab=128)
-    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    paths = write_adapters(base, tmp_path_factory.mktemp("soak"), ADAPTERS)
+def test_soak_forward_threads_against_a_thread_that_loads_activates_routes_blends_and_unloads(parts):
+    base, tokens, paths = parts
     model = copy.deepcopy(base)
     slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=3))
     script = soak_script(paths)
