@@ -99,7 +99,7 @@ def warm_swap(check: Check) -> list[tuple[str, str, str, str]]:
     return [
         ("warm swap (cached, pinned)", f"{ms(swap)} for {nbytes / 2**20:.1f} MiB", "-", "measured"),
         ("host-to-device copy floor", f"{ms(floor)} ({nbytes / floor / 2**30:.1f} GiB/s)", "-", "measured"),
-        ("warm swap / floor", f"{ratio:.2f}x", "<= 2x", "ok" if ratio <= 2 else "MISSED"),
+        ("warm swap / floor", f"{ratio:.2f}x", "<= 2x", _status(ratio <= 2)),
     ]
 
 
@@ -132,7 +132,7 @@ def side_stream_overlap(check: Check) -> list[tuple[str, str, str, str]]:
     return [
         ("forwards alone / swaps alone", f"{ms(alone)} / {ms(swap)} ({forwards} each)", "-", "measured"),
         ("forwards + swaps on the side stream", f"{ms(together)}: {hidden:.0%} of the swap time hidden", "> 50%",
-         "ok" if hidden > 0.5 else "MISSED"),
+         _status(hidden > 0.5)),
     ]
 
 
@@ -185,7 +185,7 @@ def reduce_overhead(check: Check) -> list[tuple[str, str, str, str]]:
         ("reduce-overhead: graphs compiled after warm-up", str(counter.graphs), "0", _status(counter.graphs == 0)),
         ("reduce-overhead: CUDA graphs recorded after warm-up", str(recaptures), "0", _status(recaptures == 0)),
         ("reduce-overhead vs eager after each verb", f"max |diff| {worst:.2e}", "<= 5e-2 (bf16)",
-         "ok" if worst <= 5e-2 else "MISSED"),
+         _status(worst <= 5e-2)),
     ]
 
 
@@ -211,7 +211,7 @@ def routed_vs_per_group(check: Check) -> list[tuple[str, str, str, str]]:
     speedup = per_group_s / routed_s
     return [
         ("bf16 routed batch (4 slots) / per-group swaps", f"{ms(routed_s)} / {ms(per_group_s)}: {speedup:.2f}x",
-         ">= 2x", "ok" if speedup >= 2 else "MISSED"),
+         ">= 2x", _status(speedup >= 2)),
     ]
 
 
@@ -226,7 +226,7 @@ def fused_merges(check: Check) -> list[tuple[str, str, str, str]]:
     error = (out - reference).abs().max().item()
     return [
         ("fused merge per swap (bf16)", ms(merge), "-", "measured"),
-        ("fused vs PEFT bf16", f"max |diff| {error:.2e}", "<= 5e-2", "ok" if error <= 5e-2 else "MISSED"),
+        ("fused vs PEFT bf16", f"max |diff| {error:.2e}", "<= 5e-2", _status(error <= 5e-2)),
     ]
 
 
