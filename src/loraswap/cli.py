@@ -186,16 +186,20 @@ def _progress(items: list[str], what: str):
 def bench_mixed(
     rounds: int = typer.Option(15, help="Alternating timing rounds."),
     peft_mixes: int = typer.Option(3, min=1, help="New mixes to time on PEFT's compiled model (each recompiles)."),
+    dtype: list[str] = typer.Option(["float32", "bfloat16"], "--dtype", help="Model dtype(s): float32, bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
-    """Rows of one batch on different adapters in one compiled forward, against PEFT and per-group swapping."""
+    """Rows of one batch on different adapters in one compiled forward (4, 8, 16 slots) vs one slot, PEFT, per-group."""
     require_extra("peft", "bench mixed")
     require_plot(plot)
-    from .bench.mixed import plot_mixed, print_mixed, run_mixed
+    from .bench.mixed import DTYPES, plot_mixed, print_mixed, run_mixed
     from .bench.report import emit
 
-    emit(run_mixed(rounds=rounds, peft_mixes=peft_mixes), as_json, print_mixed, plot, plot_mixed)
+    unknown = [name for name in dtype if name not in DTYPES]
+    if unknown:
+        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
+    emit(run_mixed(rounds=rounds, peft_mixes=peft_mixes, dtypes=tuple(dtype)), as_json, print_mixed, plot, plot_mixed)
 
 
 @bench_app.command("swap")
