@@ -58,7 +58,9 @@ def run_ranks(fn, *args) -> None:
 
 
 def with_process_group(rank: int, port: int, check, *args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
@@ -85,6 +87,7 @@ def tp_workdir(tmp_path_factory) -> Path:
     """Adapters written by PEFT, and the unsharded references: base logits and PEFT's eager logits per adapter."""
     workdir = tmp_path_factory.mktemp("tp")
     base = tiny_llama(**TP_LLAMA)
+    base.save_pretrained(workdir / "llama")
     paths = write_adapters(base, workdir, TP_ADAPTERS)
     write_peft_adapter(base, workdir / "over-rank", r=32, target_modules=["q_proj"])
     nan_on_rank_1(paths["colwise-r4"], workdir / "nan-on-rank-1")
@@ -96,19 +99,17 @@ def tp_workdir(tmp_path_factory) -> Path:
     return workdir
 
 
-def check_swaps(mesh, workdir: Path) -> None:
+def attach_and_compile(model, workdir: Path, names=tuple(TP_ADAPTERS)):
+    """Check the sharded model's base logits, attach 3 slots and compile; ``expect(*names)`` runs it and checks
+    row ``i`` against ``names[i]``'s unsharded reference."""
     saved = torch.load(workdir / "references.pt")
     tokens, ref = saved["tokens"], saved["logits"]
-    model = sharded_llama(mesh)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, ref["base"], atol=1e-4, rtol=0)
-    paths = [workdir / name for name in TP_ADAPTERS]
+    paths = [workdir / name for name in names]
     slots = loraswap.attach(model, loraswap.Capacity.for_adapters(paths, model=model, slots=3, max_batch=4))
     assert isinstance(slots, TensorParallelSlots)
-    own = slots.shards.read(paths[2]).layers  # this rank's slices only: colwise lora_B rows, rowwise lora_A columns
-    assert own["model.layers.0.self_attn.q_proj"].lora_B.shape == (TP_LLAMA["hidden"] // WORLD, 16)
-    assert own["model.layers.0.mlp.down_proj"].lora_A.shape == (16, TP_LLAMA["hidden"])  # intermediate 256 / 2
-    assert own["model.embed_tokens"].lora_B.shape == (TP_LLAMA["hidden"], 16)  # not sharded: whole
+    torch._dynamo.reset()  # a second model in this process would recompile the first one's code: start afresh
     compiled = torch.compile(model, backend="eager")
 
     def expect(*rows: str) -> torch.Tensor:
@@ -117,6 +118,16 @@ def check_swaps(mesh, workdir: Path) -> None:
         expected = torch.stack([ref[name][row] for row, name in enumerate(rows)])
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
         return out
+
+    return slots, expect, paths
+
+
+def check_swaps(mesh, workdir: Path) -> None:
+    slots, expect, paths = attach_and_compile(sharded_llama(mesh), workdir)
+    own = slots.shards.read(paths[2]).layers  # this rank's slices only: colwise lora_B rows, rowwise lora_A columns
+    assert own["model.layers.0.self_attn.q_proj"].lora_B.shape == (TP_LLAMA["hidden"] // WORLD, 16)
+    assert own["model.layers.0.mlp.down_proj"].lora_A.shape == (16, TP_LLAMA["hidden"])  # intermediate 256 / 2
+    assert own["model.embed_tokens"].lora_B.shape == (TP_LLAMA["hidden"], 16)  # not sharded: whole
 
     a, b, c = TP_ADAPTERS
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -143,8 +154,22 @@ def check_swaps(mesh, workdir: Path) -> None:
             slots.load(workdir / "nan-on-rank-1", slot=1)
         dist.all_gather_object(messages, str(raised.value))
         assert messages[0] == messages[1]
-        with torch.no_grad():
-            assert torch.equal(compiled(tokens).logits, before)
+        assert torch.equal(expect("base", b, "base"), before)
+
+
+def check_transformers_tp_plan(mesh, workdir: Path) -> None:
+    """transformers' own ``tp_plan="auto"`` (DTensor weights, styles installed as forwards) takes slots the same way;
+    its plan shards the embedding rowwise, so the adapter that targets ``embed_tokens`` stays out."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(workdir / "llama", tp_plan="auto", device_mesh=mesh).eval()
+    a, b, _ = TP_ADAPTERS
+    slots, expect, paths = attach_and_compile(model, workdir, (a, b))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for slot, path in enumerate(paths):
+            slots.load(path, slot)
+        slots.route([1, -1, 0])
+        expect(b, "base", a)
 
 
 def check_refusals(mesh) -> None:
@@ -162,6 +187,7 @@ def check_refusals(mesh) -> None:
 
 def check_all(mesh, workdir: Path) -> None:
     check_swaps(mesh, workdir)
+    check_transformers_tp_plan(mesh, workdir)
     check_refusals(mesh)
 
 

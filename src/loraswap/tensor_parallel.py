@@ -1,4 +1,5 @@
-"""Tensor-parallel models: slot layers on layers that ``parallelize_module`` sharded as DTensors.
+"""Tensor-parallel models: slot layers on layers sharded as DTensors, by torch's ``parallelize_module``
+or transformers' ``tp_plan`` (same styles, same placements).
 
 Each rank holds slot buffers for its shard only, as plain local tensors of fixed shape:
 
@@ -55,6 +56,8 @@ _LAYOUTS = {  # style -> (ParallelStyle, input_layouts, output_layouts, use_loca
     "rowwise": (RowwiseParallel, (Shard(-1),), (Replicate(),), True),
 }
 
+_SHARDED_DIM = {"colwise": {"lora_B": 0, "lora_bias": 0}, "rowwise": {"lora_A": 1}}  # style -> role -> dim cut
+
 
 @dataclass(frozen=True)
 class LayerShard:
@@ -83,10 +86,10 @@ class LayerShard:
         Colwise: ``lora_B [out, r]`` and ``lora_bias [out]`` by output rows. Rowwise: ``lora_A [r, in]``
         by input columns; the LoRA bias stays whole on rank 0 and is zero elsewhere (the all-reduce adds it once).
         """
-        dim = {"colwise": {"lora_B": 0, "lora_bias": 0}, "rowwise": {"lora_A": 1}}[self.style].get(role)
         if self.style == "rowwise" and role == "lora_bias":
             whole = tensor[:]
             return whole if self.rank == 0 else torch.zeros_like(whole)
+        dim = _SHARDED_DIM[self.style].get(role)
         if dim is None:
             return None
         shape = tuple(tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape)
@@ -211,6 +214,12 @@ def _style_of(name: str, module: nn.Module, layer_class: type[SlotLayer], weight
         )
     parallel_style, inputs, outputs, use_local = _LAYOUTS[style]
     found = _hook_layouts(module, parallel_style)
+    if found is None:
+        raise ShardingError(
+            f"{where} has DTensor weights but no {parallel_style.__name__} of torch's parallelize_module or of "
+            "transformers' tp_plan: loraswap cannot tell how its inputs and outputs are laid out; shard it with "
+            "one of those, or leave it out of Capacity.target_modules"
+        )
     if found != (inputs, outputs, use_local):
         raise ShardingError(
             f"{where} is {style} with (input_layouts, output_layouts, use_local_output) = {found}; loraswap handles "
@@ -221,22 +230,29 @@ def _style_of(name: str, module: nn.Module, layer_class: type[SlotLayer], weight
 
 
 def _hook_layouts(module: nn.Module, parallel_style: type) -> tuple | None:
-    """``(input_layouts, output_layouts, use_local_output)`` that ``parallel_style`` hooked onto ``module``.
+    """``(input_layouts, output_layouts, use_local_output)`` of the ``parallel_style`` that sharded ``module``.
 
-    ``distribute_module`` registers lambdas that close over ``partial(style._prepare_*_fn, ...)``;
-    the partials' arguments are the layouts. None when the hooks are not that style's.
+    torch's ``parallelize_module`` registers hooks: lambdas that close over ``partial(style._prepare_*_fn,
+    layouts...)``. transformers' ``tp_plan`` replaces ``module.forward`` by a closure over its own style of the
+    same name. None when neither is found.
     """
     partials = {}
     for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-        for cell in getattr(hook, "__closure__", None) or ():
-            value = cell.cell_contents
+        for value in _closure_values(hook):
             if isinstance(value, functools.partial):
                 partials[value.func] = value.args
     input_args = partials.get(parallel_style._prepare_input_fn)
     output_args = partials.get(parallel_style._prepare_output_fn)
-    if input_args is None or output_args is None:
-        return None
-    return (input_args[0], *output_args)
+    if input_args is not None and output_args is not None:
+        return (input_args[0], *output_args)
+    for style in _closure_values(module.__dict__.get("forward")):
+        if type(style).__name__ == parallel_style.__name__ and type(style).__module__.startswith("transformers."):
+            return ((style.input_layouts,), (style.output_layouts,), style.use_local_output)
+    return None
+
+
+def _closure_values(function: Any) -> list[Any]:
+    return [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()]
 
 
 def refuse_sharded(model: nn.Module, feature: str) -> None:
