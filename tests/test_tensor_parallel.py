@@ -165,11 +165,28 @@ def check_transformers_tp_plan(mesh, workdir: Path) -> None:
     model = LlamaForCausalLM.from_pretrained(workdir / "llama", tp_plan="auto", device_mesh=mesh).eval()
     a, b, _ = TP_ADAPTERS
     slots, expect, paths = attach_and_compile(model, workdir, (a, b))
+    slots.prefetch(paths[1]).result()  # this rank's slices, packed into the host cache in the background
     with torch._dynamo.config.patch(error_on_recompile=True):
         for slot, path in enumerate(paths):
             slots.load(path, slot)
+        assert slots.cache.hits == 1
         slots.route([1, -1, 0])
         expect(b, "base", a)
+
+
+def check_colwise_embedding(mesh, workdir: Path) -> None:
+    """An Embedding sharded colwise (weight Shard(1), output kept sharded): each rank's slice of PEFT's output."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Embedding(TP_LLAMA["vocab"], 64))
+    path = write_peft_adapter(base, workdir / f"embedding-{dist.get_rank()}", r=4, target_modules=["0"])
+    ids = torch.randint(0, TP_LLAMA["vocab"], (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = peft_reference(base, path)(ids).chunk(WORLD, dim=-1)[dist.get_rank()]
+    model = parallelize_module(base, mesh, {"0": ColwiseParallel()})
+    slots = loraswap.attach(model, loraswap.Capacity(max_rank=4, target_modules=["0"]))
+    slots.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference, atol=1e-5, rtol=0)
 
 
 def check_refusals(mesh) -> None:
@@ -188,6 +205,7 @@ def check_refusals(mesh) -> None:
 def check_all(mesh, workdir: Path) -> None:
     check_swaps(mesh, workdir)
     check_transformers_tp_plan(mesh, workdir)
+    check_colwise_embedding(mesh, workdir)
     check_refusals(mesh)
 
 
