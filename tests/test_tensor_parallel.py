@@ -26,10 +26,14 @@ from loraswap.tensor_parallel import TensorParallelSlots
 
 WORLD = 2
 JOIN_TIMEOUT_S = 240
-TP_LLAMA = dict(hidden=128, layers=2, vocab=96, attention_bias=True, mlp_bias=True)  # 4 heads, 2 KV heads: both shard over 2 ranks; biases: colwise Shard(0), rowwise Replicate
-TP_ADAPTERS = {  # different ranks and targets: colwise only, rowwise only (with LoRA bias), both plus an unsharded embedding
+# 4 heads and 2 KV heads, both shard over 2 ranks; biases are sharded colwise (Shard(0)) and replicated rowwise
+TP_LLAMA = dict(hidden=128, layers=2, vocab=96, attention_bias=True, mlp_bias=True)
+# different ranks and targets: colwise only, rowwise only (with LoRA bias), both plus an unsharded embedding
+TP_ADAPTERS = {
     "colwise-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
-    "rowwise-r8-bias": dict(r=8, lora_alpha=16, use_rslora=True, lora_bias=True, target_modules=["o_proj", "down_proj"]),
+    "rowwise-r8-bias": dict(
+        r=8, lora_alpha=16, use_rslora=True, lora_bias=True, target_modules=["o_proj", "down_proj"]
+    ),
     "all-r16": dict(
         r=16,
         lora_alpha=16,
@@ -47,7 +51,7 @@ def free_port() -> int:
 
 
 def run_ranks(fn, *args) -> None:
-    """Run ``fn(rank, port, *args)`` on WORLD spawned processes; a child's exception fails the test with its traceback."""
+    """``fn(rank, port, *args)`` on WORLD spawned processes; a child's exception fails the test with its traceback."""
     context = mp.start_processes(fn, args=(free_port(), *args), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not context.join(timeout=max(deadline - time.monotonic(), 1)):
@@ -192,8 +196,12 @@ def check_colwise_embedding(mesh, workdir: Path) -> None:
 def check_refusals(mesh) -> None:
     """Plans loraswap does not handle are refused at attach, naming the layer and its placement."""
     capacity = loraswap.Capacity(max_rank=4, target_modules=["embed_tokens", "q_proj"])
-    rowwise_embedding = {**llama_tp_plan(TP_LLAMA["layers"]), "model.embed_tokens": RowwiseParallel(input_layouts=Replicate())}
-    with pytest.raises(loraswap.ShardingError, match=r"'model.embed_tokens' \(Embedding, weight placements \(Shard\(dim=0\),\)\)"):
+    rowwise_embedding = {
+        **llama_tp_plan(TP_LLAMA["layers"]),
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+    }
+    placement = r"'model.embed_tokens' \(Embedding, weight placements \(Shard\(dim=0\),\)\)"
+    with pytest.raises(loraswap.ShardingError, match=placement):
         loraswap.attach(sharded_llama(mesh, rowwise_embedding), capacity)
     gathered = {"model.layers.0.self_attn.q_proj": ColwiseParallel(output_layouts=Replicate())}
     with pytest.raises(loraswap.ShardingError, match="'model.layers.0.self_attn.q_proj'.*colwise.*Replicate"):

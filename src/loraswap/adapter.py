@@ -312,7 +312,9 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, 
         raise AdapterFormatError(f"{path}: invalid lora_adapter_metadata in the header ({err.msg})") from err
 
 
-def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool, shard: ShardFn | None = None) -> Adapter:
+def read_pickle(
+    path: Path, config: Mapping[str, Any] | None, allow_pickle: bool, shard: ShardFn | None = None
+) -> Adapter:
     if not allow_pickle:
         raise PickleRefusedError(
             f"{path} is a pickled checkpoint; loraswap unpickles nothing unless asked: "

@@ -45,7 +45,7 @@ from .swap import AdapterSlots
 Result = TypeVar("Result")
 Style = Literal["colwise", "rowwise"]
 
-# (layer class, weight placement) -> style, and the hook layouts that style must have
+# (slot layer class, weight placement) -> style
 _STYLES: dict[tuple[type[SlotLayer], Any], Style] = {
     (SlotLinear, Shard(0)): "colwise",
     (SlotEmbedding, Shard(1)): "colwise",
@@ -154,7 +154,7 @@ class ShardPlan:
             style = _style_of(name, module, layer_class, weight)
             mesh = weight.device_mesh
             meshes.add(mesh)
-            dim = 1 if style == "rowwise" or layer_class is SlotEmbedding else 0
+            dim = weight.placements[0].dim  # the weight dimension this rank holds a slice of
             local, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
             start = offset[dim]
             shards[name] = LayerShard(name, style, start, start + local[dim], weight.shape[dim], mesh.get_local_rank())
@@ -266,7 +266,7 @@ def refuse_sharded(model: nn.Module, feature: str) -> None:
 
 
 def agree(mesh: DeviceMesh, build: Callable[[], Result]) -> Result:
-    """``build()`` on every rank of ``mesh``; its result when it succeeded on every rank, else the same error on every rank.
+    """``build()`` on every rank of ``mesh``: its result if it succeeded everywhere, else the same error on every rank.
 
     A successful call costs one all-reduce of one integer; a failure gathers the first failing rank's
     error type and message, and every rank raises it (prefixed with that rank) before anything is written.
