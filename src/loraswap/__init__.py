@@ -7,6 +7,7 @@ from .compile_guard import CompileCounter, no_recompile
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
+    AttachOrderError,
     CapacityError,
     HotswapError,
     LayoutChangedError,
@@ -21,6 +22,7 @@ from .errors import (
 )
 from .fused import FusedSlots
 from .info import AdapterInfo, inspect
+from .serve import AdapterFolder, AdapterPool
 from .swap import AdapterSlots
 
 __version__ = "0.1.0"
@@ -37,10 +39,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "Adapter",
+    "AdapterFolder",
     "AdapterFormatError",
     "AdapterInfo",
+    "AdapterPool",
     "AdapterNotFoundError",
     "AdapterSlots",
+    "AttachOrderError",
     "Capacity",
     "CapacityError",
     "CompileCounter",

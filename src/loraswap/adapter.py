@@ -28,8 +28,8 @@ from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
     PickleRefusedError,
-    UnsupportedAdapterError,
 )
+from .support import BASE_LAYER_WEIGHT, check_config_fields, refuse_unsupported
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -44,23 +44,6 @@ _KEY_SUFFIXES = {
     ".lora_B.bias": "lora_bias",
     ".lora_embedding_A": "lora_A",
     ".lora_embedding_B": "lora_B",
-}
-# PEFT saves the whole base embedding beside an embedding LoRA (save_embedding_layers="auto");
-# it equals the base model's unless the vocabulary was resized, which a hot-swap cannot follow.
-_BASE_LAYER_WEIGHT = ".base_layer.weight"
-_UNSUPPORTED_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora=True)",
-    "modules_to_save": "modules_to_save (whole-module copies)",
-    "trainable_tokens": "trainable_token_indices",
-}
-UNSUPPORTED_CONFIG = {  # PEFT config option -> the feature a hot-swap cannot take
-    "use_dora": "DoRA (use_dora=True)",
-    "modules_to_save": "modules_to_save (whole-module copies)",
-    "layer_replication": "layer_replication",
-    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
-    "trainable_token_indices": "trainable_token_indices",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "use_qalora": "QALoRA (use_qalora=True)",
 }
 
 AdapterSource = Union[str, os.PathLike, "Adapter"]
@@ -89,11 +72,17 @@ class LayerLora:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A LoRA checkpoint in memory: target module name -> :class:`LayerLora`."""
+    """A LoRA checkpoint in memory: target module name -> :class:`LayerLora`.
+
+    ``base_weights``: the base weights PEFT saved beside an embedding (or lm_head) LoRA
+    (``save_embedding_layers``), by module name; a load checks they equal the model's, since a
+    hot-swap cannot follow a resized vocabulary.
+    """
 
     layers: Mapping[str, LayerLora]
     source: str = "<memory>"
     config: Mapping[str, Any] = field(default_factory=dict)
+    base_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:
@@ -146,19 +135,12 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def check_config_supported(config: Mapping[str, Any], where: str) -> None:
-    """Raise :class:`UnsupportedAdapterError` for PEFT configs that are not plain LoRA."""
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise UnsupportedAdapterError(
-            f"{where}: peft_type {peft_type!r} is not LoRA; loraswap hot-swaps LoRA adapters only"
-        )
-    for option, feature in UNSUPPORTED_CONFIG.items():
-        if config.get(option):
-            raise UnsupportedAdapterError(
-                f"{where}: {feature} is not supported for hot-swapping ({option}={config[option]!r}); "
-                "merge or retrain the adapter as plain LoRA"
-            )
+def check_adapter_supported(keys, config: Mapping[str, Any] | None, where: str) -> None:
+    """Raise before any tensor is read: :class:`AdapterFormatError` for a damaged config, then
+    :class:`UnsupportedAdapterError` for a feature the config or the key names show (DoRA, IA3, PiSSA, ...)."""
+    if config:
+        check_config_fields(config, where)
+    refuse_unsupported(keys, [config] if config else [], where)
 
 
 def split_lora_key(key: str) -> tuple[str, str]:
@@ -169,16 +151,12 @@ def split_lora_key(key: str) -> tuple[str, str]:
             return name[: -len(suffix)], role
     if name.endswith(".alpha"):
         return name[: -len(".alpha")], "alpha"
-    if name.endswith(_BASE_LAYER_WEIGHT):
-        return name[: -len(_BASE_LAYER_WEIGHT)], "base_weight"
-    for marker, feature in _UNSUPPORTED_KEYS.items():
-        if marker in name:
-            raise UnsupportedAdapterError(
-                f"key {key!r}: {feature} is not supported for hot-swapping; merge or retrain as plain LoRA"
-            )
+    if name.endswith(BASE_LAYER_WEIGHT):
+        return name[: -len(BASE_LAYER_WEIGHT)], "base_weight"
     raise AdapterFormatError(
         f"key {key!r} is not a PEFT LoRA key (expected '<module>.lora_A.weight', '<module>.lora_B.weight', "
-        "'<module>.lora_embedding_A', ...); convert the file to PEFT format first"
+        "'<module>.lora_embedding_A', ...); kohya/A1111, xlabs and diffusers pipeline files load through "
+        "loraswap.diffusers.attach(pipe, [file]), other files need converting to PEFT format first"
     )
 
 
@@ -217,8 +195,7 @@ def adapter_from_state_dict(
     ``<module>.alpha`` tensor, else 1.0 (as diffusers assumes for alpha-less files).
     """
     config = dict(config or {})
-    if config:
-        check_config_supported(config, source)
+    check_adapter_supported(state_dict.keys(), config, source)
     use_rslora = bool(config.get("use_rslora", False))
     layers = {}
     for module, roles in group_lora_keys(state_dict.keys(), source).items():
@@ -236,7 +213,12 @@ def adapter_from_state_dict(
             scaling=_layer_scaling(config, state_dict, roles, module, rank, use_rslora, source),
             lora_bias=state_dict[roles["lora_bias"]] if "lora_bias" in roles else None,
         )
-    return Adapter(layers=layers, source=source, config=config)
+    base_weights = {
+        key.removeprefix(PEFT_PREFIX)[: -len(BASE_LAYER_WEIGHT)]: tensor
+        for key, tensor in state_dict.items()
+        if key.endswith(BASE_LAYER_WEIGHT)
+    }
+    return Adapter(layers=layers, source=source, config=config, base_weights=base_weights)
 
 
 def _b_groups(lora_A: torch.Tensor, lora_B: torch.Tensor) -> int:
@@ -284,9 +266,10 @@ def read_safetensors(path: Path, config: Mapping[str, Any] | None, shard: ShardF
     """With ``shard``, each tensor is read through a safetensors slice: only the part ``shard`` keeps."""
     with open_safetensors(path) as handle:
         keys = list(handle.keys())
-        group_lora_keys(keys, str(path))  # reject foreign or incomplete files before reading tensors
         if config is None:
             config = _config_from_metadata(handle.metadata() or {}, path)
+        check_adapter_supported(keys, config, str(path))  # refuse unsupported, foreign or incomplete files
+        group_lora_keys(keys, str(path))  # before reading tensors
         state_dict = {key: _read_part(key, handle.get_slice, shard, handle.get_tensor) for key in keys}
     return adapter_from_state_dict(state_dict, config, source=str(path))
 
@@ -307,9 +290,12 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, 
     if raw is None:
         return None
     try:
-        return json.loads(raw)
+        config = json.loads(raw)
     except json.JSONDecodeError as err:
         raise AdapterFormatError(f"{path}: invalid lora_adapter_metadata in the header ({err.msg})") from err
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: lora_adapter_metadata in the header is not a JSON object")
+    return config
 
 
 def read_pickle(

@@ -300,8 +300,8 @@ class TensorParallelSlots(AdapterSlots):
     Call every verb on every rank with the same arguments (``load`` is a collective).
     """
 
-    def __init__(self, *args: Any, shards: ShardPlan) -> None:
-        super().__init__(*args)
+    def __init__(self, *args: Any, shards: ShardPlan, check_rows: bool = False) -> None:
+        super().__init__(*args, check_rows=check_rows)
         self.shards = shards
 
     def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
