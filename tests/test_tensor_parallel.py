@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import time
+from collections import OrderedDict
 from datetime import timedelta
 from pathlib import Path
 
@@ -151,8 +152,9 @@ def check_swaps(mesh, workdir: Path) -> None:
         slots.unload(slot=0)
         before = expect("base", b, "base")
 
-        with pytest.raises(loraswap.CapacityError, match="rank 0 of 2: .*rank 32 exceeds"):
+        with pytest.raises(loraswap.CapacityError, match="rank 0 of 2: .*rank 32 exceeds") as raised:
             slots.load(workdir / "over-rank", slot=1)
+        assert (raised.value.rank, raised.value.capacity_rank) == (32, 16)  # the error's own fields, on every rank
         messages = [None] * WORLD
         with pytest.raises(loraswap.NonFiniteError, match="rank 1 of 2: .*q_proj.*lora_B") as raised:
             slots.load(workdir / "nan-on-rank-1", slot=1)
@@ -179,15 +181,19 @@ def check_transformers_tp_plan(mesh, workdir: Path) -> None:
 
 
 def check_colwise_embedding(mesh, workdir: Path) -> None:
-    """An Embedding sharded colwise (weight Shard(1), output kept sharded): each rank's slice of PEFT's output."""
+    """An Embedding sharded colwise (weight Shard(1), output kept sharded): each rank's slice of PEFT's output.
+    The file also holds the base embedding (PEFT's ``save_embedding_layers=True``): each rank checks its slice."""
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Embedding(TP_LLAMA["vocab"], 64))
-    path = write_peft_adapter(base, workdir / f"embedding-{dist.get_rank()}", r=4, target_modules=["0"])
+    base = torch.nn.Sequential(OrderedDict(embed_tokens=torch.nn.Embedding(TP_LLAMA["vocab"], 64)))
+    path = write_peft_adapter(base, workdir / f"embedding-{dist.get_rank()}", r=4, target_modules=["embed_tokens"])
+    weights = load_file(path / "adapter_model.safetensors")
+    weights["base_model.model.embed_tokens.base_layer.weight"] = base.embed_tokens.weight.detach()
+    save_file(weights, path / "adapter_model.safetensors", metadata={"format": "pt"})
     ids = torch.randint(0, TP_LLAMA["vocab"], (2, 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = peft_reference(base, path)(ids).chunk(WORLD, dim=-1)[dist.get_rank()]
-    model = parallelize_module(base, mesh, {"0": ColwiseParallel()})
-    slots = loraswap.attach(model, loraswap.Capacity(max_rank=4, target_modules=["0"]))
+    model = parallelize_module(base, mesh, {"embed_tokens": ColwiseParallel()})
+    slots = loraswap.attach(model, loraswap.Capacity(max_rank=4, target_modules=["embed_tokens"]))
     slots.load(path)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference, atol=1e-5, rtol=0)

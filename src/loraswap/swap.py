@@ -115,10 +115,12 @@ class AdapterSlots:
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
-        check_saved_base_weights(
-            adapter, lambda name: self.model.get_submodule(name).base_layer.weight, self.layout.placements
-        )
+        check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
         return self.layout.pack(adapter, pin_memory=self._pin)
+
+    def _base_weight(self, name: str) -> torch.Tensor:
+        """The weight of target layer ``name`` that a base weight saved beside its adapter must equal."""
+        return self.model.get_submodule(name).base_layer.weight
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation.

@@ -65,6 +65,7 @@ class LayerShard:
 
     name: str
     style: Style
+    weight_dim: int  # the base weight's sharded dimension
     start: int
     stop: int
     full: int
@@ -85,7 +86,10 @@ class LayerShard:
 
         Colwise: ``lora_B [out, r]`` and ``lora_bias [out]`` by output rows. Rowwise: ``lora_A [r, in]``
         by input columns; the LoRA bias stays whole on rank 0 and is zero elsewhere (the all-reduce adds it once).
+        A base weight PEFT saved beside the adapter is cut as the model's weight is.
         """
+        if role == "base_weight":
+            return tensor[self.start : self.stop] if self.weight_dim == 0 else tensor[:, self.start : self.stop]
         if self.style == "rowwise" and role == "lora_bias":
             whole = tensor[:]
             return whole if self.rank == 0 else torch.zeros_like(whole)
@@ -157,7 +161,9 @@ class ShardPlan:
             dim = weight.placements[0].dim  # the weight dimension this rank holds a slice of
             local, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
             start = offset[dim]
-            shards[name] = LayerShard(name, style, start, start + local[dim], weight.shape[dim], mesh.get_local_rank())
+            shards[name] = LayerShard(
+                name, style, dim, start, start + local[dim], weight.shape[dim], mesh.get_local_rank()
+            )
         if len(meshes) > 1:
             raise ShardingError(
                 f"the target layers are sharded over {len(meshes)} different device meshes; "
@@ -186,15 +192,22 @@ class ShardPlan:
 
     def slice(self, adapter: Adapter) -> Adapter:
         """An in-memory adapter cut to this rank's slices (views, no copy)."""
-        layers = {}
-        for name, layer in adapter.layers.items():
-            parts = {
-                role: self.take(name, role, tensor)
-                for role, tensor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_bias", layer.lora_bias))
-                if tensor is not None
-            }
-            layers[name] = replace(layer, **{role: part for role, part in parts.items() if part is not None})
-        return replace(adapter, layers=layers)
+
+        def own(name: str, role: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+            part = None if tensor is None else self.take(name, role, tensor)
+            return tensor if part is None else part
+
+        layers = {
+            name: replace(
+                layer,
+                lora_A=own(name, "lora_A", layer.lora_A),
+                lora_B=own(name, "lora_B", layer.lora_B),
+                lora_bias=own(name, "lora_bias", layer.lora_bias),
+            )
+            for name, layer in adapter.layers.items()
+        }
+        base_weights = {name: own(name, "base_weight", weight) for name, weight in adapter.base_weights.items()}
+        return replace(adapter, layers=layers, base_weights=base_weights)
 
 
 def _style_of(name: str, module: nn.Module, layer_class: type[SlotLayer], weight: DTensor) -> Style:
@@ -280,18 +293,28 @@ def agree(mesh: DeviceMesh, build: Callable[[], Result]) -> Result:
     dist.all_reduce(failed, group=group)
     if not int(failed):
         return result
-    errors: list[tuple[type[HotswapError], str] | None] = [None] * dist.get_world_size(group)
+    errors: list[tuple[type[HotswapError], str, dict[str, Any]] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, _portable(error), group=group)
-    rank, (kind, message) = next((rank, item) for rank, item in enumerate(errors) if item is not None)
-    raise kind(f"rank {rank} of {len(errors)}: {message}") from error
+    rank, (kind, message, attributes) = next((rank, item) for rank, item in enumerate(errors) if item is not None)
+    raise _rebuilt(kind, f"rank {rank} of {len(errors)}: {message}", attributes) from error
 
 
-def _portable(error: Exception | None) -> tuple[type[HotswapError], str] | None:
+def _portable(error: Exception | None) -> tuple[type[HotswapError], str, dict[str, Any]] | None:
+    """What every rank needs to raise ``error`` again: its type, message and attributes (picklable)."""
     if error is None:
         return None
     if isinstance(error, HotswapError):
-        return type(error), str(error)
-    return HotswapError, f"{type(error).__name__}: {error}"
+        return type(error), str(error), dict(vars(error))
+    return HotswapError, f"{type(error).__name__}: {error}", {}
+
+
+def _rebuilt(kind: type[HotswapError], message: str, attributes: dict[str, Any]) -> HotswapError:
+    """A ``kind`` with ``message`` and the failing rank's attributes (``layer``, ``rank``, ...), built without
+    calling ``kind.__init__``, whose signature differs between error types."""
+    error = kind.__new__(kind, message)
+    error.args = (message,)
+    error.__dict__.update(attributes)
+    return error
 
 
 class TensorParallelSlots(AdapterSlots):
@@ -305,11 +328,15 @@ class TensorParallelSlots(AdapterSlots):
         self.shards = shards
 
     def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
-        return self.layout.pack(self.shards.read(source, allow_pickle), pin_memory=self._pin)
+        return super().pack(self.shards.read(source, allow_pickle))
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """This rank's slices of a whole in-memory ``adapter``, validated and padded (no collective, no write)."""
-        return self.layout.pack(self.shards.slice(adapter), pin_memory=self._pin)
+        return super().pack(self.shards.slice(adapter))
+
+    def _base_weight(self, name: str) -> torch.Tensor:
+        weight = super()._base_weight(name)
+        return weight.to_local() if isinstance(weight, DTensor) else weight
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Every rank reads, validates and pads its slices; only if all succeeded does any rank write ``slot``."""
