@@ -162,6 +162,15 @@ def check_swaps(mesh, workdir: Path) -> None:
         assert messages[0] == messages[1]
         assert torch.equal(expect("base", b, "base"), before)
 
+        pool = loraswap.AdapterPool(slots)  # ids are the adapters' paths
+        with pool.route([str(paths[0]), None, {str(paths[2]): 1.0}]):
+            expect(a, "base", c)
+        with pytest.raises(loraswap.NonFiniteError, match="rank 1 of 2"):
+            with pool.route([str(workdir / "nan-on-rank-1")]):
+                pass
+        with pool.route([None, str(paths[2]), str(paths[0])]):
+            expect("base", c, a)
+
 
 def check_transformers_tp_plan(mesh, workdir: Path) -> None:
     """transformers' own ``tp_plan="auto"`` (DTensor weights, styles installed as forwards) takes slots the same way;

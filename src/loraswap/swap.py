@@ -167,7 +167,8 @@ class AdapterSlots:
         """
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraswap-prefetch")
-        return self._prefetcher.submit(self.packed, source, allow_pickle=allow_pickle)
+        # this process's cache only, never a subclass's collective (TensorParallelSlots agrees in ``packed``)
+        return self._prefetcher.submit(AdapterSlots.packed, self, source, allow_pickle=allow_pickle)
 
     def unload(self, slot: int = 0) -> None:
         """Zero ``slot``: rows routed to it get the base model's output."""

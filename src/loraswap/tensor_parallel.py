@@ -320,7 +320,8 @@ def _rebuilt(kind: type[HotswapError], message: str, attributes: dict[str, Any])
 class TensorParallelSlots(AdapterSlots):
     """:class:`AdapterSlots` on a tensor-parallel model: each rank packs its slices; loads agree across ranks.
 
-    Call every verb on every rank with the same arguments (``load`` is a collective).
+    Call every verb on every rank with the same arguments, in the same order (``load`` and ``packed`` are
+    collectives; ``prefetch`` is not: it fills this rank's cache, and the next ``load`` agrees).
     """
 
     def __init__(self, *args: Any, shards: ShardPlan, check_rows: bool = False) -> None:
@@ -338,10 +339,11 @@ class TensorParallelSlots(AdapterSlots):
         weight = super()._base_weight(name)
         return weight.to_local() if isinstance(weight, DTensor) else weight
 
-    def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
-        """Every rank reads, validates and pads its slices; only if all succeeded does any rank write ``slot``."""
-        self.router.check_slot(slot)
-        self.load_packed(agree(self.shards.mesh, lambda: self.packed(source, allow_pickle=allow_pickle)), slot)
+    def packed(self, source: AdapterSource, *, allow_pickle: bool = False) -> PackedAdapter:
+        """A collective: every rank gets its slices packed (from its cache, else read, validated, padded), or every
+        rank raises the same error. ``load`` and the pool go through it, so no rank writes unless all can."""
+        packed_here = super().packed
+        return agree(self.shards.mesh, lambda: packed_here(source, allow_pickle=allow_pickle))
 
     def __repr__(self) -> str:
         return (
