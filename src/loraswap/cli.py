@@ -218,6 +218,30 @@ def bench_swap(
     emit(run_swap(rounds=rounds, threads=threads), as_json, print_swap, plot, plot_swap)
 
 
+@bench_app.command("pool")
+def bench_pool(
+    adapters: int = typer.Option(200, min=2, help="Adapters in the catalogue (ranks 4-64, five target sets)."),
+    batches: int = typer.Option(200, min=1, help="Timed batches per mode (after the warm-up batches)."),
+    rows: int = typer.Option(8, min=1, help="Rows per batch."),
+    tokens: int = typer.Option(32, min=1, help="Tokens per row."),
+    slots: int = typer.Option(8, min=1, help="Slots of the pool (and adapters PEFT keeps loaded)."),
+    zipf: float = typer.Option(1.1, help="Zipf exponent of the traffic over the catalogue."),
+    cache_fraction: float = typer.Option(0.25, help="Host cache size, as a fraction of the catalogue."),
+    backend: str = typer.Option("inductor", help="torch.compile backend of the compiled modes."),
+    threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """A catalogue of adapters served through a few slots with Zipf traffic: the pool against PEFT."""
+    from .bench.pool import print_pool, run_pool
+    from .bench.report import emit
+
+    result = run_pool(
+        adapters=adapters, batches=batches, rows=rows, tokens=tokens, slots=slots, zipf=zipf,
+        cache_fraction=cache_fraction, backend=backend, threads=threads,
+    )
+    emit(result, as_json, print_pool)
+
+
 @bench_app.command("forward")
 def bench_forward(
     sets: str = typer.Option("ab", help="Adapter sets to run: a (ranks 8-64), b (one rank-128 layer type, others 4-8)."),

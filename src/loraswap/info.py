@@ -67,6 +67,13 @@ _DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # what a load accepts for LoRA weights
 
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (None where torch has none loraswap reads)."""
+    return _DTYPES[name][1]
+
+
 # Key suffix -> role, per key family. Longer suffixes first where one ends another.
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "lora_A"),
