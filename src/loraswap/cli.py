@@ -2,32 +2,82 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
 import typer
 
+from . import __version__
 from .errors import HotswapError
 
 app = typer.Typer(
     help="Hot-swap LoRA adapters in a torch.compile'd model without recompiling. Errors on bad input print one "
     "line and exit 2; add --debug anywhere for the traceback.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 bench_app = typer.Typer(help="Benchmarks: modes timed side by side in one run, medians and ratios.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+EXTRAS = {"peft": ("peft", "transformers"), "diffusers": ("diffusers", "peft", "transformers"), "plot": ("matplotlib",)}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"loraswap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print loraswap's version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="On bad input, raise with the full traceback instead of one line (anywhere on the line)."
+    ),
+) -> None:
+    """Options before any command; ``--debug`` itself is taken off the command line by :func:`main`."""
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Exit 2 with one line naming the install command when ``extra``'s packages are missing: before any work."""
+    missing = []
+    for module in EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        print(
+            f"loraswap: error: {what} needs {', '.join(missing)}, which is not installed: "
+            f"pip install 'loraswap[{extra}]' (in a checkout: pip install -e '.[{extra}]')",
+            file=sys.stderr,
+        )
+        raise typer.Exit(2)
+
+
+def require_plot(plot: Path | None) -> None:
+    if plot is not None:
+        require_extra("plot", "--plot")
+
 
 @app.command()
 def demo(
-    rounds: int = typer.Option(5, help="How many times to cycle through the three adapters."),
+    rounds: int = typer.Option(5, min=1, help="How many times to cycle through the three adapters."),
+    backend: str = typer.Option("inductor", help="torch.compile backend."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Compile a tiny Llama once, swap three PEFT adapters through it, check against PEFT."""
+    require_extra("peft", "demo")
+    from rich.console import Console
+
     from .demo import print_demo, run_demo
 
-    rows = run_demo(rounds=rounds)
+    console = Console(stderr=True)
+    rows = run_demo(rounds=rounds, backend=backend, progress=lambda step: console.print(f"[dim]{step}[/dim]", highlight=False))
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -44,14 +94,42 @@ def inspect_command(
     layers: bool = typer.Option(False, "--layers", help="Also print every layer's rank, alpha, scaling and shapes."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Describe LoRA adapters from their safetensors headers and configs, without loading a tensor."""
+    """Describe LoRA adapters from their safetensors headers and configs, without loading a tensor.
+
+    Over several adapters, one that cannot be read gets a row saying why, and the exit code is 1.
+    """
     from .info import adapter_paths, inspect, print_infos
 
-    infos = [inspect(source) for source in _progress(adapter_paths(paths), "inspecting")]
-    if as_json:
-        print(json.dumps([info.to_dict() for info in infos], indent=2))
+    sources = adapter_paths(paths)
+    if len(sources) == 1:
+        infos, failures = [inspect(sources[0])], {}
     else:
-        print_infos(infos, show_layers=layers)
+        infos, failures = _inspect_each(sources)
+    if as_json:
+        rows = [info.to_dict() for info in infos] + [{"source": s, "error": e} for s, e in failures.items()]
+        print(json.dumps(rows, indent=2))
+    else:
+        if infos:
+            print_infos(infos, show_layers=layers)
+        if failures:
+            from .bench.report import print_table
+
+            print_table("not readable as LoRA adapters", ["adapter", "why"], list(failures.items()))
+    if failures:
+        raise typer.Exit(1)
+
+
+def _inspect_each(sources: list[str]):
+    """``(infos, {source: why})``: every adapter inspected, a failure recorded instead of ending the listing."""
+    from .info import inspect
+
+    infos, failures = [], {}
+    for source in _progress(sources, "inspecting"):
+        try:
+            infos.append(inspect(source))
+        except HotswapError as err:
+            failures[source] = " ".join(str(err).split())
+    return infos, failures
 
 
 @app.command("plan")
@@ -112,6 +190,8 @@ def bench_mixed(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """Rows of one batch on different adapters in one compiled forward, against PEFT and per-group swapping."""
+    require_extra("peft", "bench mixed")
+    require_plot(plot)
     from .bench.mixed import plot_mixed, print_mixed, run_mixed
     from .bench.report import emit
 
@@ -126,6 +206,8 @@ def bench_swap(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """One adapter swap: PEFT's hotswap_adapter against loraswap cold, warm, activate and the memory-copy floor."""
+    require_extra("peft", "bench swap")
+    require_plot(plot)
     from .bench.report import emit
     from .bench.swap import plot_swap, print_swap, run_swap
 
@@ -142,6 +224,8 @@ def bench_forward(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """Per-forward cost of base, slots (uniform and per-layer rank), fused and PEFT's hotswap-prepared model."""
+    require_extra("peft", "bench forward")
+    require_plot(plot)
     from .bench.forward import plot_forward, print_forward, run_forward
     from .bench.report import emit
 
@@ -160,6 +244,8 @@ def bench_pipeline(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """A compiled diffusion pipeline serving four LoRAs (text encoder included): eager, no swaps, diffusers hotswap, loraswap."""
+    require_extra("diffusers", "bench pipeline")
+    require_plot(plot)
     from .bench.pipeline import plot_pipeline, print_pipeline, run_pipeline_bench
     from .bench.report import emit
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterNotFoundError, HotswapError
-from ..info import adapter_paths
+from .folder import AdapterFolder
 from .pool import AdapterPool
 
 
@@ -58,12 +58,9 @@ def model_kind(folder: Path) -> str:
 
 
 def served_adapters(directory: str | os.PathLike) -> dict[str, str]:
-    """``{name: path}`` for each adapter in ``directory``: the folder name, or the file name without ``.safetensors``."""
-    paths = adapter_paths([directory])
-    names = {Path(path).name.removesuffix(".safetensors"): path for path in paths}
-    if len(names) < len(paths):
-        raise AdapterNotFoundError(f"{directory}: two adapters share a name (a folder and a .safetensors file); rename one")
-    return names
+    """``{name: path}`` for every adapter in ``directory``, named as :class:`AdapterFolder` names them."""
+    folder = AdapterFolder(directory)
+    return {name: str(folder(name)) for name in folder.ids()}
 
 
 @dataclass
@@ -217,7 +214,7 @@ class TextEngine(_TextModel):
         """Read, validate and pad ``adapter`` into the host cache; raises its :class:`HotswapError`."""
         if adapter in self.refused:
             raise self.refused[adapter]
-        self.slots.packed(self.adapters[adapter])
+        self.pool.prefetch([adapter])[0].result()
 
     def warm_up(self) -> None:
         """Compile the prefill and decode graphs, then count recompiles from zero."""
