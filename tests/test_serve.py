@@ -1,21 +1,28 @@
-"""``loraswap serve`` on a local Ray instance: two replicas of a tiny Llama with 5 adapters, checked against PEFT.
+"""``loraswap serve`` on a local Ray instance: two replicas of a tiny Llama with 5 adapters, checked against PEFT,
+and one replica of a tiny SD pipeline with 3 LoRA files, checked against diffusers.
 
 One Ray instance for the module (starting Ray costs tens of seconds on 2 cores), stopped at teardown.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from loraswap.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_peft_adapter
 from loraswap.serve.ray_local import start_local_ray, stop_ray
+from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
 ADAPTERS = {
     f"task-{index}": dict(r=2 + 2 * index, lora_alpha=128, target_modules=targets)
@@ -155,3 +162,70 @@ def test_nothing_listens_beyond_loopback(text_url):
             checked.append(local)
             assert local.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"), line
     assert len(checked) >= 2 * REPLICAS, checked  # the test saw the replicas' sockets, not an empty list
+
+
+IMAGE_LORAS = {
+    "style-a": LoraSpec(targets={"unet": ["to_v", "to_out.0"]}, rank=8, alpha=4, seed=1),
+    "style-b": LoraSpec(targets={"unet": ["to_k"], "text_encoder": ["k_proj", "fc2"]}, rank=2, alpha=3, seed=2),
+    "style-c": LoraSpec(targets={"text_encoder": ["v_proj", "fc1"]}, rank=6, alpha=6, seed=4),
+}
+IMAGE_SETTINGS = {"size": "32x32", "num_inference_steps": 2, "guidance_scale": 7.5}
+
+
+@pytest.fixture(scope="module")
+def sd_served(tmp_path_factory):
+    """A tiny SD pipeline folder and a folder of 3 LoRA files (diffusers format) named by file."""
+    root = tmp_path_factory.mktemp("serve-sd")
+    tiny_sd_pipeline().save_pretrained(root / "tiny-sd")
+    pipe = tiny_sd_pipeline()
+    (root / "loras").mkdir()
+    for name, spec in IMAGE_LORAS.items():
+        written = write_diffusers_lora(pipe, root / "written" / name, spec)
+        shutil.move(written, root / "loras" / f"{name}.safetensors")
+    return root / "tiny-sd", root / "loras"
+
+
+@pytest.fixture(scope="module")
+def images_url(ray_instance, sd_served):
+    from ray import serve
+
+    from loraswap.serve import build_app
+
+    serve.run(build_app(*sd_served, replicas=1, slots=2, backend="eager", sizes=["32x32"]), name="images", route_prefix="/images")
+    return f"{ray_instance}/images"
+
+
+def _diffusers_image(folder, lora_file, prompt: str, seed: int) -> np.ndarray:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_file is not None:
+        pipe.load_lora_weights(lora_file)
+    image = pipe(
+        prompt, height=32, width=32, num_inference_steps=2, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed)
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_images_equal_diffusers_with_load_lora_weights(images_url, sd_served):
+    """Concurrent requests on different LoRAs (per-prompt routing in one call) equal diffusers' own pipeline."""
+    folder, loras = sd_served
+    bodies = [
+        {"model": model, "prompt": prompt, "seed": seed, "response_format": "b64_json", **IMAGE_SETTINGS}
+        for model, prompt, seed in [("style-a", "a cat", 3), (folder.name, "a dog", 4), ("style-c", "a tree", 5), ("style-b", "a cat", 6)]
+    ]
+    with ThreadPoolExecutor(len(bodies)) as clients:
+        responses = list(clients.map(lambda body: _post(f"{images_url}/v1/images/generations", body), bodies))
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))), dtype=np.int16)
+        lora = None if body["model"] == folder.name else loras / f"{body['model']}.safetensors"
+        expected = _diffusers_image(folder, lora, body["prompt"], body["seed"])
+        assert np.abs(served - expected).max() <= 1, body["model"]
+        if lora is not None:  # guards against a LoRA too weak to change the image
+            assert np.abs(_diffusers_image(folder, None, body["prompt"], body["seed"]) - expected).max() > 4
+    stats = httpx.get(f"{images_url}/v1/stats", timeout=30).json()["replicas"]
+    assert [replica["recompiles"] for replica in stats] == [0]
+    unserved = _post(f"{images_url}/v1/images/generations", {"model": "style-a", "prompt": "a cat", "size": "48x48"})
+    assert unserved.status_code == 400 and "48x48" in unserved.json()["error"]["message"]

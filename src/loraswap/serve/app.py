@@ -14,7 +14,7 @@ adapter a running batch uses resident until that batch's forward is done.
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,11 @@ async def _malformed_body(request: Request, err: RequestValidationError) -> JSON
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param=param), status_code=status)
+
+
+def _refused(model: str, err: HotswapError) -> JSONResponse:
+    """400 for a request loraswap refuses: an adapter that fails validation, an image size not compiled."""
+    return _error(400, f"{model}: {err}", getattr(err, "param", "model"))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -67,6 +72,7 @@ class Replica:
         self.board = board
         self.name = serve.get_replica_context().replica_id.unique_id
         self._complete_rows.set_max_batch_size(options["max_batch"])
+        self._image_requests.set_max_batch_size(options["max_batch"])
         self.resident = serve.multiplexed(max_num_models_per_replica=options["slots"])(self._validator())
         self._report()
 
@@ -99,9 +105,14 @@ class Replica:
 
     async def images(self, request: ImageRequest) -> list[str]:
         adapter = serve.get_multiplexed_model_id() or None
+        self.engine.check_size(request)
         if adapter is not None:
             await self.resident(adapter)
-        images = await asyncio.to_thread(self.engine.images, adapter, request)
+        return await self._image_requests((adapter, request))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _image_requests(self, requests: list[tuple]) -> list[list[str]]:
+        images = await asyncio.to_thread(self.engine.generate, requests)
         self._report()
         return images
 
@@ -150,7 +161,7 @@ class Ingress:
         try:
             results = await self._handle(body.model).complete.remote(rows)
         except HotswapError as err:
-            return _error(400, f"adapter {body.model!r} cannot be served: {err}", "model")
+            return _refused(body.model, err)
         usage = {
             "prompt_tokens": sum(result.prompt_tokens for result in results),
             "completion_tokens": sum(result.completion_tokens for result in results),
@@ -167,7 +178,7 @@ class Ingress:
         try:
             images = await self._handle(body.model).images.remote(body)
         except HotswapError as err:
-            return _error(400, f"adapter {body.model!r} cannot be served: {err}", "model")
+            return _refused(body.model, err)
         return images_response(images)
 
 
@@ -180,16 +191,41 @@ def build_app(
     max_batch: int = 8,
     backend: str = "inductor",
     engine: str = "loraswap",
+    sizes: Sequence[str] = ("64x64",),
 ):
     """The Ray Serve application serving MODEL with every adapter in the folder ``adapters``.
 
     ``engine="peft"`` serves the same endpoints with PEFT's eager model inside the replicas (the
-    baseline of ``loraswap bench serve``).
+    baseline of ``loraswap bench serve``). ``sizes``: the image sizes a pipeline serves (each compiled at warm-up).
     """
     folder = resolve_model_folder(model)
     kind = model_kind(folder)
     named = served_adapters(adapters)
-    options = {"slots": slots, "max_batch": max_batch, "backend": backend, "engine": engine, "kind": kind}
+    options = {"slots": slots, "max_batch": max_batch, "backend": backend, "engine": engine, "kind": kind, "sizes": tuple(sizes)}
     board = StatsBoard.bind()
     replica = Replica.options(num_replicas=replicas, max_ongoing_requests=4 * max_batch).bind(str(folder), named, board, options)
     return Ingress.options(max_ongoing_requests=64 * replicas).bind(replica, board, Path(model).name, list(named), kind)
+
+
+def serve_forever(model: str, adapters: str, *, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Start a local Ray instance (loopback), run the app on ``host:port``, stay in the foreground until
+    SIGTERM or Ctrl-C, then shut Serve and Ray down."""
+    import signal
+    import threading
+
+    from .ray_local import start_local_ray, stop_ray
+
+    app = build_app(model, adapters, **options)  # validates MODEL and DIR before Ray starts
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start_local_ray()
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name="loraswap", route_prefix="/")
+        print(f"loraswap serve: ready at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        stop.wait()
+    finally:
+        print("loraswap serve: shutting down", flush=True)
+        stop_ray()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

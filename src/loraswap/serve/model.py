@@ -82,6 +82,21 @@ class CompletionRow:
     seed: int | None = None
 
 
+def pool_batches(indices: Sequence[int], adapters: Sequence[str | None], max_rows: int, slots: int) -> list[list[int]]:
+    """Consecutive runs of ``indices`` with at most ``max_rows`` rows and at most ``slots`` distinct adapters
+    (``adapters[i]`` is row ``i``'s; None, the base model, takes no slot): what one pool route can hold."""
+    batches: list[list[int]] = []
+    distinct: set[str] = set()
+    for index in indices:
+        grown = distinct | ({adapters[index]} - {None})
+        if not batches or len(batches[-1]) == max_rows or len(grown) > slots:
+            batches.append([])
+            grown = {adapters[index]} - {None}
+        batches[-1].append(index)
+        distinct = grown
+    return batches
+
+
 def refused_adapters(adapters: Mapping[str, str], model: torch.nn.Module) -> dict[str, HotswapError]:
     """The adapters that cannot be served on ``model`` (unreadable, unsupported, a target it lacks), with why.
 
@@ -232,17 +247,7 @@ class TextEngine(_TextModel):
         }
 
     def _batches(self, indices: Sequence[int], rows: Sequence[CompletionRow]) -> list[list[int]]:
-        """Consecutive runs of ``indices`` with at most ``max_batch`` rows and at most ``slots`` distinct adapters."""
-        batches: list[list[int]] = []
-        adapters: set[str] = set()
-        for index in indices:
-            grown = adapters | ({rows[index].adapter} - {None})
-            if not batches or len(batches[-1]) == self.max_batch or len(grown) > self.slots.capacity.slots:
-                batches.append([])
-                grown = {rows[index].adapter} - {None}
-            batches[-1].append(index)
-            adapters = grown
-        return batches
+        return pool_batches(indices, [row.adapter for row in rows], self.max_batch, self.pool.slot_count)
 
     def _routed(self, adapters: Sequence[str | None]):
         return self.pool.route(list(adapters))
@@ -318,6 +323,6 @@ def make_engine(folder: str, adapters: Mapping[str, str], options: Mapping[str, 
     if options["kind"] == "images":
         from .images import ImageEngine
 
-        return ImageEngine(folder, adapters, slots=options["slots"], backend=options["backend"])
+        return ImageEngine(folder, adapters, slots=options["slots"], sizes=options["sizes"], backend=options["backend"])
     engine = {"loraswap": TextEngine, "peft": PeftTextEngine}[options["engine"]]
     return engine(folder, adapters, slots=options["slots"], max_batch=options["max_batch"], backend=options["backend"])
