@@ -336,7 +336,9 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, 
     return config
 
 
-def read_pickle(path: Path, config: Mapping[str, Any] | None, allow_pickle: bool, shard: ShardFn | None = None) -> Adapter:
+def read_pickle(
+    path: Path, config: Mapping[str, Any] | None, allow_pickle: bool, shard: ShardFn | None = None
+) -> Adapter:
     if not allow_pickle:
         raise PickleRefusedError(
             f"{path} is a pickled checkpoint; loraswap unpickles nothing unless asked: "

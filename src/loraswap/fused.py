@@ -308,6 +308,7 @@ class FusedSlots:
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Merge ``source`` into the weights (into the active slot), or stage it for ``activate(slot)``."""
         self._check_slot(slot)
+        self._check_layout()  # before packing, which reads the targeted weights' dtypes
         self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
 
     def load_packed(self, fused: FusedAdapter, slot: int = 0) -> None:
@@ -395,8 +396,11 @@ class FusedSlots:
             )
 
     def _check_layout(self) -> None:
+        """Raise when a targeted layer or its weight is no longer the one attach saw (moved, cast, quantized, replaced)."""
         for name, target in self.targets.items():
-            if target.module.weight.data_ptr() != self._weight_ptrs[name]:
+            module = target.module
+            replaced = self.model.get_submodule(name) is not module or quantized_weight(module) is not None
+            if replaced or module.weight.data_ptr() != self._weight_ptrs[name]:
                 raise LayoutChangedError(
                     f"layer {name!r}: its weight was replaced after attach (the model was moved, cast or quantized); "
                     "call .to()/.half() before loraswap.attach, then attach again on a fresh model"

@@ -233,17 +233,22 @@ def check_saved_base_weights(adapter: Adapter, base_weight: Callable[[str], torc
         weight = base_weight(name).detach()
         rows = f"{saved.shape[0]} rows" if saved.dim() else "a scalar"
         if saved.shape != weight.shape:
-            differs = f"the adapter was saved with a base weight of {rows} {list(saved.shape)}, the model's has {weight.shape[0]} rows {list(weight.shape)}"
+            differs = (
+                f"the adapter was saved with a base weight of {rows} {list(saved.shape)}, "
+                f"the model's has {weight.shape[0]} rows {list(weight.shape)}"
+            )
         else:
             changed = (saved.to(weight.device, weight.dtype) != weight).reshape(weight.shape[0], -1).any(dim=1)
             if not changed.any():
                 continue
             first = int(changed.nonzero()[0])
-            differs = f"{int(changed.sum())} of its {weight.shape[0]} rows differ from the model's (the first is row {first})"
+            differs = (
+                f"{int(changed.sum())} of its {weight.shape[0]} rows differ from the model's (the first is row {first})"
+            )
         raise UnsupportedAdapterError(
             f"layer {name!r}: {adapter.source} is an embedding LoRA saved with a resized vocabulary or a changed base "
-            f"embedding: {differs}. A hot-swap cannot change the base model's weights; serve the base model the adapter "
-            "was trained on (load the adapter's saved base_layer weight into it before attach), or retrain on this one"
+            f"embedding: {differs}. A hot-swap cannot change the base model's weights; serve the base model the "
+            "adapter was trained on (load the adapter's saved base_layer weight into it before attach), or retrain"
         )
 
 

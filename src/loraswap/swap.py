@@ -115,13 +115,12 @@ class AdapterSlots:
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
-        self._check_base_weights(adapter)
+        check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
         return self.layout.pack(adapter, pin_memory=self._pin)
 
-    def _check_base_weights(self, adapter: Adapter) -> None:
-        check_saved_base_weights(
-            adapter, lambda name: self.model.get_submodule(name).base_layer.weight, self.layout.placements
-        )
+    def _base_weight(self, name: str) -> torch.Tensor:
+        """The weight of target layer ``name`` that a base weight saved beside its adapter must equal."""
+        return self.model.get_submodule(name).base_layer.weight
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation.
@@ -135,7 +134,7 @@ class AdapterSlots:
             self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
             return
         adapter = load_adapter(source, allow_pickle=allow_pickle)
-        self._check_base_weights(adapter)
+        check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
         self.layout.validate(adapter, cast=True)
         groups = len(self.layout.groups)
         self._write_slot(slot, adapter.source, lambda rows: self.layout.fill(adapter, rows[:groups], rows[groups:]))
@@ -179,7 +178,8 @@ class AdapterSlots:
         """
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraswap-prefetch")
-        return self._prefetcher.submit(self.packed, source, allow_pickle=allow_pickle)
+        # this process's cache only, never a subclass's collective (TensorParallelSlots agrees in ``packed``)
+        return self._prefetcher.submit(AdapterSlots.packed, self, source, allow_pickle=allow_pickle)
 
     def unload(self, slot: int = 0) -> None:
         """Zero ``slot``: rows routed to it get the base model's output."""

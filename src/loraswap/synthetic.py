@@ -151,3 +151,33 @@ def write_catalogue(base: nn.Module, directory: str | Path, count: int, seed: in
         LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)).save_pretrained(str(path))
         paths[path.name] = path
     return paths
+
+
+WORDS = ("the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "warm", "up", "hello", "world")
+
+
+def tiny_tokenizer(vocab: int = 96):
+    """A word-level ``PreTrainedTokenizerFast`` built offline: special tokens, a few words, filler ``w<i>`` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = [*specials, *WORDS]
+    words += [f"w{index}" for index in range(vocab - len(words))]
+    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_llama_folder(path: str | Path, hidden: int = 64, layers: int = 2, vocab: int = 96, seed: int = 0) -> Path:
+    """``save_pretrained`` a tiny Llama with :func:`tiny_tokenizer` beside it: a model folder to serve."""
+    tokenizer = tiny_tokenizer(vocab)
+    model = tiny_llama(
+        hidden=hidden, layers=layers, vocab=vocab, seed=seed,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return Path(path)
