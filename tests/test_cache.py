@@ -222,3 +222,15 @@ def test_waiter_builds_itself_when_the_build_it_waited_for_fails():
     entry = cache.get_or_build("key", _Entry)
     thread.join(10)
     assert isinstance(entry, _Entry) and len(errors) == 1 and "key" in cache
+
+
+def test_a_direct_load_clears_the_layers_the_previous_adapter_targeted(llama_base, llama_adapters, llama_tokens):
+    """Without a cache a load zeroes only what the new adapter does not write: its rank padding and the
+    layers it does not target (here every MLP layer and the embedding the previous adapters wrote)."""
+    model = copy.deepcopy(llama_base)
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(llama_adapters.values(), model=model), cache_bytes=0)
+    for name in ("mlp-r32-rslora", "embed-and-v", "attn-r2"):
+        slots.load(llama_adapters[name])
+    with torch.no_grad():
+        expected = peft_reference(llama_base, llama_adapters["attn-r2"])(llama_tokens).logits
+        torch.testing.assert_close(model(llama_tokens).logits, expected, atol=1e-5, rtol=0)

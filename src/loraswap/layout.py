@@ -187,19 +187,31 @@ class SlotLayout:
             for name, layer in adapter.layers.items()
         )
 
-    def fill(self, adapter: Adapter, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor]) -> None:
+    def fill(
+        self, adapter: Adapter, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], *, zeroed: bool = False
+    ) -> None:
         """Write a validated ``adapter`` into one slot row (``weights``/``scales``: one tensor per group).
 
-        The row is zeroed, then every tensor is copied once, straight into its padded place: one
-        ``_foreach_copy_``.
+        Every tensor is copied once, straight into its padded place (one ``_foreach_copy_``), and only
+        what it does not cover is zeroed (one ``_foreach_zero_``): the rank padding of its layers and
+        the layers it does not target. ``zeroed=True``: the row is all zeros already (a fresh buffer).
+        The alignment gaps between layers are never written: zero since ``attach`` (or ``zeros``).
         """
-        torch._foreach_zero_([*weights, *scales])
         scale_values = [[0.0] * g.layers for g in self.groups]
         destinations: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
-        for name, layer in adapter.layers.items():
-            place = self.placements[name]
+        pads: list[torch.Tensor] = []
+        for name, place in self.placements.items():
             lora_A, lora_B, _, bias = self.views(weights[place.group], scales[place.group], name)
+            layer = adapter.layers.get(name)
+            if layer is None or place.spec.groups > 1:  # grouped convs: block-diagonal B, zero it all first
+                pads += [lora_A, lora_B]
+            else:
+                pads += [lora_A[layer.rank :], lora_B[:, layer.rank :]]
+            if bias is not None and (layer is None or layer.lora_bias is None):
+                pads.append(bias)
+            if layer is None:
+                continue
             for destination, source in _padded_pairs(layer, place.spec, lora_A, lora_B):
                 destinations.append(destination)
                 sources.append(source)
@@ -207,16 +219,20 @@ class SlotLayout:
                 destinations.append(bias)
                 sources.append(layer.lora_bias)
             scale_values[place.group][place.scale_index] = layer.scaling
-        torch._foreach_copy_(destinations, sources)
+        pads = [pad for pad in pads if pad.numel()] if not zeroed else []
+        if pads:
+            torch._foreach_zero_(pads)
+        if destinations:
+            torch._foreach_copy_(destinations, sources)
         for scale, values in zip(scales, scale_values):
             scale.copy_(torch.tensor(values, dtype=torch.float32))
 
     def pack(self, adapter: Adapter, pin_memory: bool = False) -> PackedAdapter:
         """Validate ``adapter``, then lay it out as one slot row on the host (one pass, see :meth:`fill`)."""
         self.validate(adapter, cast=True)
-        weights = tuple(torch.empty(g.numel, dtype=g.dtype, pin_memory=pin_memory) for g in self.groups)
-        scales = tuple(torch.empty(g.layers, dtype=torch.float32, pin_memory=pin_memory) for g in self.groups)
-        self.fill(adapter, weights, scales)
+        weights = tuple(torch.zeros(g.numel, dtype=g.dtype, pin_memory=pin_memory) for g in self.groups)
+        scales = tuple(torch.zeros(g.layers, dtype=torch.float32, pin_memory=pin_memory) for g in self.groups)
+        self.fill(adapter, weights, scales, zeroed=True)
         return PackedAdapter(weights, scales, adapter.source, adapter.target_names, self)
 
 

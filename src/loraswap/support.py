@@ -131,6 +131,7 @@ KEY_SEGMENT_FEATURES = (
     ("modules_to_save", MODULES_TO_SAVE),
     ("trainable_tokens", TRAINABLE_TOKENS),
 )
+_SEGMENT_PREFIXES = tuple(prefix for prefix, _ in KEY_SEGMENT_FEATURES)
 FULL_DIFF_SEGMENTS = ("diff", "diff_b")
 # PEFT's EMBEDDING_LAYER_NAMES: whole weights of these modules in a LoRA file are saved embeddings.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared")
@@ -141,14 +142,13 @@ def key_feature(key: str) -> Feature | None:
     """The feature a single key shows, or None for a key that shows none (a LoRA key, or an unknown one)."""
     segments = key.split(".")
     for segment in segments:
-        for prefix, feature in KEY_SEGMENT_FEATURES:
-            if segment.startswith(prefix):
-                return feature
+        if segment.startswith(_SEGMENT_PREFIXES):  # one C call per segment: loads check every key of a file
+            return next(feature for prefix, feature in KEY_SEGMENT_FEATURES if segment.startswith(prefix))
     if segments[-1] in FULL_DIFF_SEGMENTS:
         return FULL_DIFF
     if key.endswith(("query_norm.scale", "key_norm.scale")):
         return BFL_CONTROL
-    if any("lora" in segment.lower() for segment in segments) or key.endswith(BASE_LAYER_WEIGHT):
+    if "lora" in key.lower() or key.endswith(BASE_LAYER_WEIGHT):  # "lora" in some segment ("lora" holds no dot)
         return None
     if segments[-1] == "bias":
         return TRAINED_BIAS
