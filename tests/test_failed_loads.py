@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
+from conftest import assert_unchanged, snapshot
 from loraswap.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -34,17 +35,8 @@ def served(llama_base, llama_adapters):
     return model, slots
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    return {name: t.detach().clone() for name, t in tensors.items()}
-
-
 def assert_bit_identical(model, before, tokens, logits_before):
-    after = snapshot(model)
-    assert after.keys() == before.keys()
-    for name, tensor in before.items():
-        assert torch.equal(after[name], tensor), name
+    assert_unchanged(model, before)
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, logits_before)
 

@@ -16,11 +16,13 @@ from .errors import (
     PickleRefusedError,
     RecompileError,
     ShapeMismatchError,
+    ShardingError,
     SlotError,
     UnsupportedAdapterError,
 )
 from .fused import FusedSlots
 from .info import AdapterInfo, inspect
+from .serve import AdapterFolder, AdapterPool
 from .swap import AdapterSlots
 
 __version__ = "0.1.0"
@@ -37,8 +39,10 @@ def __getattr__(name: str):
 
 __all__ = [
     "Adapter",
+    "AdapterFolder",
     "AdapterFormatError",
     "AdapterInfo",
+    "AdapterPool",
     "AdapterNotFoundError",
     "AdapterSlots",
     "AttachOrderError",
@@ -54,6 +58,7 @@ __all__ = [
     "PickleRefusedError",
     "RecompileError",
     "ShapeMismatchError",
+    "ShardingError",
     "SlotError",
     "UnsupportedAdapterError",
     "attach",

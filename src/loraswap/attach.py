@@ -16,6 +16,7 @@ from .layers import SlotLayer, slot_layer_class
 from .layout import SlotLayout
 from .routing import Router
 from .swap import AdapterSlots
+from .tensor_parallel import ShardPlan, TensorParallelSlots, refuse_sharded
 
 
 def find_targets(model: nn.Module, capacity: Capacity) -> list[tuple[str, nn.Module, type[SlotLayer]]]:
@@ -82,15 +83,19 @@ def attach(
         raise HotswapError("the model already has loraswap slots; attach once per model")
     cache = AdapterCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
     if mode == "fused":
+        refuse_sharded(model, "mode='fused'")
         return attach_fused(model, capacity, cache)
     targets = find_targets(model, capacity)
+    shards = ShardPlan.detect(targets)  # empty unless target weights are DTensors (tensor parallel)
     capacity.check_layer_ranks(name for name, _, _ in targets)
     devices = {module.weight.device for _, module, _ in targets}
     if len(devices) > 1:
         raise CapacityError(
             f"the target layers span devices {sorted(map(str, devices))}; attach supports one device per model"
         )
-    layout = SlotLayout.plan(((name, module, cls.spec(module)) for name, module, cls in targets), capacity)
+    layout = SlotLayout.plan(
+        ((name, module, shards.spec(name, cls.spec(module))) for name, module, cls in targets), capacity
+    )
     storage = layout.allocate(capacity.slots)
     router = Router(capacity.slots, capacity.max_batch, devices.pop(), capacity.max_blend)
     note_replaced_layer_types(type(module) for _, module, _ in targets)
@@ -99,6 +104,8 @@ def attach(
         lora_A, lora_B, scale, lora_bias = layout.views(
             storage.weights[place.group], storage.scales[place.group], name
         )
-        slot_layer = layer_class(module, lora_A, lora_B, scale, lora_bias, router)
+        slot_layer = shards.layer_class(name, layer_class)(module, lora_A, lora_B, scale, lora_bias, router)
         model.set_submodule(name, slot_layer)
+    if shards:
+        return TensorParallelSlots(model, capacity, layout, storage, router, cache, shards=shards, check_rows=check_rows)
     return AdapterSlots(model, capacity, layout, storage, router, cache, check_rows=check_rows)

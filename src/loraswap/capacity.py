@@ -34,10 +34,11 @@ class Capacity:
     cost per forward grows with its rank, so padding only where needed is cheaper. ``slots``: how
     many adapters are resident at once. ``max_batch``: how many rows (or packed tokens) the
     routing table can address. ``lora_bias``: allocate room for LoRA biases (PEFT's ``lora_bias=True``).
-    ``max_blend``: how many slots one row may mix (default: all of them). Below ``slots``, Linear
-    layers gather each row's own slots instead of computing every slot for every row, so a routed
-    batch costs about one adapter's compute whatever ``slots`` is; blends are then limited to
-    ``max_blend`` slots per row and per-token routing is unavailable.
+    ``max_blend``: how many slots one row may mix (default 1: every row reads one adapter, at one
+    adapter's cost however many slots are resident). Each row then costs ``max_blend`` adapters'
+    LoRA compute: slot layers gather each row's own slots instead of computing every slot for every
+    row. ``max_blend=slots`` computes every slot densely instead, the one capacity that also allows
+    per-token routing (packed sequences), at a cost that grows with ``slots``.
     """
 
     max_rank: int
@@ -46,7 +47,7 @@ class Capacity:
     max_batch: int = DEFAULT_MAX_BATCH
     lora_bias: bool = False
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
-    max_blend: int | None = None
+    max_blend: int = 1
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -60,9 +61,7 @@ class Capacity:
             if not self.target_modules:
                 raise CapacityError("Capacity.target_modules is empty; name at least one layer")
         object.__setattr__(self, "layer_ranks", dict(self.layer_ranks))
-        if self.max_blend is None:
-            object.__setattr__(self, "max_blend", self.slots)
-        if not 1 <= self.max_blend <= self.slots:
+        if not isinstance(self.max_blend, int) or not 1 <= self.max_blend <= self.slots:
             raise CapacityError(
                 f"Capacity.max_blend is {self.max_blend}; it must lie in 1..slots ({self.slots})"
             )
@@ -99,14 +98,15 @@ class Capacity:
         slots: int = 1,
         per_layer_rank: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
-        max_blend: int | None = None,
+        max_blend: int = 1,
+        allow_pickle: bool = False,
     ) -> Capacity:
         """The smallest capacity that holds every given adapter: union of targets, maximum rank.
 
         With ``per_layer_rank=True`` each layer is sized to the largest rank any adapter gives it.
-        With ``model``, every target is checked to exist in it.
+        With ``model``, every target is checked to exist in it. ``allow_pickle`` as in :func:`loraswap.load_adapter`.
         """
-        loaded = [load_adapter(adapter) for adapter in adapters]
+        loaded = [load_adapter(adapter, allow_pickle=allow_pickle) for adapter in adapters]
         if not loaded:
             raise CapacityError("Capacity.for_adapters needs at least one adapter")
         layer_ranks = union_of_ranks(loaded)

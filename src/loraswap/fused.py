@@ -37,7 +37,7 @@ from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import CapacityError, LayoutChangedError, ModeError, NonFiniteError, SlotError
 from .layers import SlotConv1D, SlotEmbedding, slot_layer_class
-from .layout import SlotLayout, check_packed_for
+from .layout import SlotLayout, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights
 
 _FUSED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -279,6 +279,7 @@ class FusedSlots:
 
     def pack(self, adapter: Adapter) -> FusedAdapter:
         """Validate ``adapter`` and convert it to merge form (host memory; no weight is written)."""
+        check_saved_base_weights(adapter, lambda name: self.targets[name].pristine_weight, self.targets)
         self.layout.validate(adapter)
         for name, layer in adapter.layers.items():
             if layer.lora_bias is not None and self.targets[name].pristine_bias is None:

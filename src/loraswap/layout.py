@@ -12,7 +12,7 @@ before it builds anything, and builds only fresh host tensors: the model is neve
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,14 @@ from torch import nn
 
 from .adapter import Adapter, LayerLora
 from .capacity import Capacity
-from .errors import CapacityError, NonFiniteError, ShapeMismatchError, SlotError
+from .errors import (
+    CapacityError,
+    NonFiniteError,
+    RankOverCapacityError,
+    ShapeMismatchError,
+    SlotError,
+    UnsupportedAdapterError,
+)
 from .layers import SlotSpec
 
 if TYPE_CHECKING:
@@ -188,13 +195,43 @@ class SlotLayout:
         return PackedAdapter(weights, scales, adapter.source, adapter.target_names, self)
 
 
+def check_saved_base_weights(adapter: Adapter, base_weight: Callable[[str], torch.Tensor], targets) -> None:
+    """Raise :class:`UnsupportedAdapterError` when a base weight PEFT saved beside an embedding (or lm_head)
+    LoRA differs from the model's: the vocabulary was resized, and a hot-swap cannot change base weights.
+
+    ``base_weight(name)`` is the model's weight of a targeted layer (before any merge); ``targets`` the
+    layer names it knows. Runs before the shape checks, so a resized vocabulary is named as such.
+    """
+    for name, saved in adapter.base_weights.items():
+        if name not in targets:
+            continue
+        weight = base_weight(name).detach()
+        rows = f"{saved.shape[0]} rows" if saved.dim() else "a scalar"
+        if saved.shape != weight.shape:
+            differs = f"the adapter was saved with a base weight of {rows} {list(saved.shape)}, the model's has {weight.shape[0]} rows {list(weight.shape)}"
+        else:
+            changed = (saved.to(weight.device, weight.dtype) != weight).reshape(weight.shape[0], -1).any(dim=1)
+            if not changed.any():
+                continue
+            first = int(changed.nonzero()[0])
+            differs = f"{int(changed.sum())} of its {weight.shape[0]} rows differ from the model's (the first is row {first})"
+        raise UnsupportedAdapterError(
+            f"layer {name!r}: {adapter.source} is an embedding LoRA saved with a resized vocabulary or a changed base "
+            f"embedding: {differs}. A hot-swap cannot change the base model's weights; serve the base model the adapter "
+            "was trained on (load the adapter's saved base_layer weight into it before attach), or retrain on this one"
+        )
+
+
 def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias: bool) -> None:
     spec = place.spec
     rank = layer.rank
     if rank > place.rank:
-        raise CapacityError(
+        raise RankOverCapacityError(
             f"layer {name!r}: the adapter's rank {rank} exceeds the capacity's rank {place.rank} there; "
-            f"raise Capacity.max_rank (or its layer_ranks entry) to {rank}"
+            f"raise Capacity.max_rank (or its layer_ranks entry) to {rank}",
+            name,
+            rank,
+            place.rank,
         )
     if rank % spec.groups:
         raise ShapeMismatchError(

@@ -26,7 +26,7 @@ from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import LayoutChangedError, SlotError
 from .layers import SlotLayer
-from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for
+from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights, Router
 
 
@@ -104,13 +104,20 @@ class AdapterSlots:
         """The adapter in slot layout: from the cache, else read, validated, padded and cached."""
 
         def build() -> PackedAdapter:
-            return self.pack(load_adapter(source, allow_pickle=allow_pickle))
+            return self.read_packed(source, allow_pickle)
 
         keep_alive = source if isinstance(source, Adapter) else None
         return self.cache.get_or_build(cache_key(source), build, keep_alive)
 
+    def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
+        """Read, validate and pad ``source``, bypassing the cache."""
+        return self.pack(load_adapter(source, allow_pickle=allow_pickle))
+
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
+        check_saved_base_weights(
+            adapter, lambda name: self.model.get_submodule(name).base_layer.weight, self.layout.placements
+        )
         return self.layout.pack(adapter, pin_memory=self._pin)
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:

@@ -36,6 +36,17 @@ def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, seed: int = 
     return LlamaForCausalLM(config).eval()
 
 
+def llama_tp_plan(layers: int) -> dict[str, Any]:
+    """The standard tensor-parallel plan for a Llama's decoder layers, for ``parallelize_module``:
+    q/k/v and gate/up colwise, o and down rowwise (embeddings and the head stay replicated)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {"self_attn.o_proj": RowwiseParallel, "mlp.down_proj": RowwiseParallel}
+    colwise = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    styles.update(dict.fromkeys(colwise, ColwiseParallel))
+    return {f"model.layers.{layer}.{name}": style() for layer in range(layers) for name, style in styles.items()}
+
+
 def write_peft_adapter(base: nn.Module, path: str | Path, seed: int = 0, **lora_config: Any) -> Path:
     """Write a PEFT LoRA adapter for ``base`` with random (non-zero) A and B to ``path``."""
     from peft import LoraConfig, get_peft_model
@@ -70,3 +81,30 @@ def peft_reference(base: nn.Module, adapter_path: str | Path) -> nn.Module:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_path)).eval()
+
+
+def peft_multi_adapter(base: nn.Module, paths: Mapping[str, str | Path]) -> nn.Module:
+    """One PEFT model holding every adapter under its own name (the reference for mixed batches)."""
+    from peft import PeftModel
+
+    names = list(paths)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(paths[name]), adapter_name=name)
+    return model.eval()
+
+
+def merged_reference(peft_model: nn.Module, base: nn.Module, weights: Mapping[str, float]) -> nn.Module:
+    """The base model with ``sum_name weight * delta_name`` added to each target weight, computed by PEFT."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            target = merged.get_submodule(name)
+            for adapter, weight in weights.items():
+                if adapter in module.lora_A or adapter in module.lora_embedding_A:
+                    target.weight += weight * module.get_delta_weight(adapter)
+    return merged.eval()

@@ -25,7 +25,7 @@ from rich.console import Console
 from ..attach import attach
 from ..capacity import Capacity
 from ..compile_guard import CompileCounter
-from ..synthetic import tiny_llama, write_adapters
+from ..synthetic import peft_multi_adapter, tiny_llama, write_adapters
 from .report import format_seconds, plot_bars, print_table
 from .timing import alternating_medians
 
@@ -36,16 +36,6 @@ MIXED_ADAPTERS = {
     "all-r32": dict(r=32, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
 }
 ROWS, TOKENS, VOCAB = 8, 32, 1024
-
-
-def _peft_multi_adapter(base: torch.nn.Module, paths: dict[str, Path]) -> torch.nn.Module:
-    from peft import PeftModel
-
-    names = list(paths)
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(paths[name]), adapter_name=name)
-    return model.eval()
 
 
 def _new_mixes(count: int, slots: int, seed: int) -> list[list[int]]:
@@ -76,7 +66,7 @@ def run_mixed(rounds: int = 15, new_mixes: int = 12, peft_mixes: int = 3, seed: 
         slots = attach(model, capacity)
         for slot, path in enumerate(paths.values()):
             slots.load(path, slot=slot)
-        peft_model = _peft_multi_adapter(base, paths)
+        peft_model = peft_multi_adapter(base, paths)
     compiled = torch.compile(model)
     compiled_base = torch.compile(copy.deepcopy(base))
     group_tokens = {slot: tokens[rows] for slot, rows in groups.items()}
