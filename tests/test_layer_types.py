@@ -108,7 +108,8 @@ def test_routed_rows_gather_their_slot_in_every_layer_type(tmp_path, build, spec
     ids = [2, -1, 0, 1]
     with torch.no_grad():
         references = [output(peft_reference(base, path)(tokens)) for path in paths.values()]
-        expected = torch.stack([output(base(tokens))[row] if s == -1 else references[s][row] for row, s in enumerate(ids)])
+        base_output = output(base(tokens))
+        expected = torch.stack([base_output[row] if s == -1 else references[s][row] for row, s in enumerate(ids)])
     model = copy.deepcopy(base)
     slots = loraswap.attach(model, loraswap.Capacity.for_adapters(paths.values(), model=model, slots=len(paths)))
     assert all(layer.gathered for layer in model.modules() if isinstance(layer, SlotLayer))
