@@ -207,16 +207,20 @@ def serve_command(
 def bench_mixed(
     rounds: int = typer.Option(15, help="Alternating timing rounds."),
     peft_mixes: int = typer.Option(3, min=1, help="New mixes to time on PEFT's compiled model (each recompiles)."),
+    dtype: list[str] = typer.Option(["float32", "bfloat16"], "--dtype", help="Model dtype(s): float32, bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
-    """Rows of one batch on different adapters in one compiled forward, against PEFT and per-group swapping."""
+    """Rows of one batch on different adapters in one compiled forward (4, 8, 16 slots) vs one slot, PEFT, per-group."""
     require_extra("peft", "bench mixed")
     require_plot(plot)
-    from .bench.mixed import plot_mixed, print_mixed, run_mixed
+    from .bench.mixed import DTYPES, plot_mixed, print_mixed, run_mixed
     from .bench.report import emit
 
-    emit(run_mixed(rounds=rounds, peft_mixes=peft_mixes), as_json, print_mixed, plot, plot_mixed)
+    unknown = [name for name in dtype if name not in DTYPES]
+    if unknown:
+        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
+    emit(run_mixed(rounds=rounds, peft_mixes=peft_mixes, dtypes=tuple(dtype)), as_json, print_mixed, plot, plot_mixed)
 
 
 @bench_app.command("swap")
@@ -233,6 +237,30 @@ def bench_swap(
     from .bench.swap import plot_swap, print_swap, run_swap
 
     emit(run_swap(rounds=rounds, threads=threads), as_json, print_swap, plot, plot_swap)
+
+
+@bench_app.command("pool")
+def bench_pool(
+    adapters: int = typer.Option(200, min=2, help="Adapters in the catalogue (ranks 4-64, five target sets)."),
+    batches: int = typer.Option(200, min=1, help="Timed batches per mode (after the warm-up batches)."),
+    rows: int = typer.Option(8, min=1, help="Rows per batch."),
+    tokens: int = typer.Option(32, min=1, help="Tokens per row."),
+    slots: int = typer.Option(8, min=1, help="Slots of the pool (and adapters PEFT keeps loaded)."),
+    zipf: float = typer.Option(1.1, help="Zipf exponent of the traffic over the catalogue."),
+    cache_fraction: float = typer.Option(0.25, help="Host cache size, as a fraction of the catalogue."),
+    backend: str = typer.Option("inductor", help="torch.compile backend of the compiled modes."),
+    threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """A catalogue of adapters served through a few slots with Zipf traffic: the pool against PEFT."""
+    from .bench.pool import print_pool, run_pool
+    from .bench.report import emit
+
+    result = run_pool(
+        adapters=adapters, batches=batches, rows=rows, tokens=tokens, slots=slots, zipf=zipf,
+        cache_fraction=cache_fraction, backend=backend, threads=threads,
+    )
+    emit(result, as_json, print_pool)
 
 
 @bench_app.command("forward")

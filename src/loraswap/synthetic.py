@@ -110,6 +110,49 @@ def merged_reference(peft_model: nn.Module, base: nn.Module, weights: Mapping[st
     return merged.eval()
 
 
+CATALOGUE_RANKS = (4, 8, 16, 32, 64)
+CATALOGUE_TARGETS = (
+    LLAMA_PROJECTIONS,
+    ("q_proj", "v_proj"),
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ("gate_proj", "up_proj", "down_proj"),
+    ("q_proj", "v_proj", "down_proj"),
+)
+
+
+def write_catalogue(base: nn.Module, directory: str | Path, count: int, seed: int = 0) -> dict[str, Path]:
+    """``count`` PEFT LoRA adapters for ``base`` (ranks 4-64, five target sets), ``{"adapter-0000": dir, ...}``.
+
+    Each is what ``get_peft_model(...).save_pretrained`` writes (PEFT's keys, PEFT's own
+    ``LoraConfig.save_pretrained``), with random factors, but without building a PEFT model per
+    adapter: a catalogue of hundreds is written in seconds. Adapter ``i`` has rank
+    ``CATALOGUE_RANKS[i % 5]`` and targets ``CATALOGUE_TARGETS[(i // 5) % 5]``, so every 25
+    consecutive adapters cover every combination; adapter 0 targets every projection.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    generator = torch.Generator().manual_seed(seed)
+    linears = [(name, module) for name, module in base.named_modules() if isinstance(module, nn.Linear)]
+    paths = {}
+    for index in range(count):
+        rank = CATALOGUE_RANKS[index % len(CATALOGUE_RANKS)]
+        targets = CATALOGUE_TARGETS[(index // len(CATALOGUE_RANKS)) % len(CATALOGUE_TARGETS)]
+        tensors = {}
+        for name, module in linears:
+            if name.rsplit(".", 1)[-1] in targets:
+                prefix = f"base_model.model.{name}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.05
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.05
+        path = directory / f"adapter-{index:04d}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)).save_pretrained(str(path))
+        paths[path.name] = path
+    return paths
+
+
 WORDS = ("the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "warm", "up", "hello", "world")
 
 

@@ -1,4 +1,5 @@
-"""Tensor-parallel models: slot layers on layers that ``parallelize_module`` sharded as DTensors.
+"""Tensor-parallel models: slot layers on layers sharded as DTensors, by torch's ``parallelize_module``
+or transformers' ``tp_plan`` (same styles, same placements).
 
 Each rank holds slot buffers for its shard only, as plain local tensors of fixed shape:
 
@@ -44,7 +45,7 @@ from .swap import AdapterSlots
 Result = TypeVar("Result")
 Style = Literal["colwise", "rowwise"]
 
-# (layer class, weight placement) -> style, and the hook layouts that style must have
+# (slot layer class, weight placement) -> style
 _STYLES: dict[tuple[type[SlotLayer], Any], Style] = {
     (SlotLinear, Shard(0)): "colwise",
     (SlotEmbedding, Shard(1)): "colwise",
@@ -55,6 +56,8 @@ _LAYOUTS = {  # style -> (ParallelStyle, input_layouts, output_layouts, use_loca
     "rowwise": (RowwiseParallel, (Shard(-1),), (Replicate(),), True),
 }
 
+_SHARDED_DIM = {"colwise": {"lora_B": 0, "lora_bias": 0}, "rowwise": {"lora_A": 1}}  # style -> role -> dim cut
+
 
 @dataclass(frozen=True)
 class LayerShard:
@@ -62,6 +65,7 @@ class LayerShard:
 
     name: str
     style: Style
+    weight_dim: int  # the base weight's sharded dimension
     start: int
     stop: int
     full: int
@@ -82,11 +86,14 @@ class LayerShard:
 
         Colwise: ``lora_B [out, r]`` and ``lora_bias [out]`` by output rows. Rowwise: ``lora_A [r, in]``
         by input columns; the LoRA bias stays whole on rank 0 and is zero elsewhere (the all-reduce adds it once).
+        A base weight PEFT saved beside the adapter is cut as the model's weight is.
         """
-        dim = {"colwise": {"lora_B": 0, "lora_bias": 0}, "rowwise": {"lora_A": 1}}[self.style].get(role)
+        if role == "base_weight":
+            return tensor[self.start : self.stop] if self.weight_dim == 0 else tensor[:, self.start : self.stop]
         if self.style == "rowwise" and role == "lora_bias":
             whole = tensor[:]
             return whole if self.rank == 0 else torch.zeros_like(whole)
+        dim = _SHARDED_DIM[self.style].get(role)
         if dim is None:
             return None
         shape = tuple(tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape)
@@ -151,10 +158,12 @@ class ShardPlan:
             style = _style_of(name, module, layer_class, weight)
             mesh = weight.device_mesh
             meshes.add(mesh)
-            dim = 1 if style == "rowwise" or layer_class is SlotEmbedding else 0
+            dim = weight.placements[0].dim  # the weight dimension this rank holds a slice of
             local, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
             start = offset[dim]
-            shards[name] = LayerShard(name, style, start, start + local[dim], weight.shape[dim], mesh.get_local_rank())
+            shards[name] = LayerShard(
+                name, style, dim, start, start + local[dim], weight.shape[dim], mesh.get_local_rank()
+            )
         if len(meshes) > 1:
             raise ShardingError(
                 f"the target layers are sharded over {len(meshes)} different device meshes; "
@@ -183,15 +192,22 @@ class ShardPlan:
 
     def slice(self, adapter: Adapter) -> Adapter:
         """An in-memory adapter cut to this rank's slices (views, no copy)."""
-        layers = {}
-        for name, layer in adapter.layers.items():
-            parts = {
-                role: self.take(name, role, tensor)
-                for role, tensor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_bias", layer.lora_bias))
-                if tensor is not None
-            }
-            layers[name] = replace(layer, **{role: part for role, part in parts.items() if part is not None})
-        return replace(adapter, layers=layers)
+
+        def own(name: str, role: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+            part = None if tensor is None else self.take(name, role, tensor)
+            return tensor if part is None else part
+
+        layers = {
+            name: replace(
+                layer,
+                lora_A=own(name, "lora_A", layer.lora_A),
+                lora_B=own(name, "lora_B", layer.lora_B),
+                lora_bias=own(name, "lora_bias", layer.lora_bias),
+            )
+            for name, layer in adapter.layers.items()
+        }
+        base_weights = {name: own(name, "base_weight", weight) for name, weight in adapter.base_weights.items()}
+        return replace(adapter, layers=layers, base_weights=base_weights)
 
 
 def _style_of(name: str, module: nn.Module, layer_class: type[SlotLayer], weight: DTensor) -> Style:
@@ -211,6 +227,12 @@ def _style_of(name: str, module: nn.Module, layer_class: type[SlotLayer], weight
         )
     parallel_style, inputs, outputs, use_local = _LAYOUTS[style]
     found = _hook_layouts(module, parallel_style)
+    if found is None:
+        raise ShardingError(
+            f"{where} has DTensor weights but no {parallel_style.__name__} of torch's parallelize_module or of "
+            "transformers' tp_plan: loraswap cannot tell how its inputs and outputs are laid out; shard it with "
+            "one of those, or leave it out of Capacity.target_modules"
+        )
     if found != (inputs, outputs, use_local):
         raise ShardingError(
             f"{where} is {style} with (input_layouts, output_layouts, use_local_output) = {found}; loraswap handles "
@@ -221,22 +243,29 @@ def _style_of(name: str, module: nn.Module, layer_class: type[SlotLayer], weight
 
 
 def _hook_layouts(module: nn.Module, parallel_style: type) -> tuple | None:
-    """``(input_layouts, output_layouts, use_local_output)`` that ``parallel_style`` hooked onto ``module``.
+    """``(input_layouts, output_layouts, use_local_output)`` of the ``parallel_style`` that sharded ``module``.
 
-    ``distribute_module`` registers lambdas that close over ``partial(style._prepare_*_fn, ...)``;
-    the partials' arguments are the layouts. None when the hooks are not that style's.
+    torch's ``parallelize_module`` registers hooks: lambdas that close over ``partial(style._prepare_*_fn,
+    layouts...)``. transformers' ``tp_plan`` replaces ``module.forward`` by a closure over its own style of the
+    same name. None when neither is found.
     """
     partials = {}
     for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-        for cell in getattr(hook, "__closure__", None) or ():
-            value = cell.cell_contents
+        for value in _closure_values(hook):
             if isinstance(value, functools.partial):
                 partials[value.func] = value.args
     input_args = partials.get(parallel_style._prepare_input_fn)
     output_args = partials.get(parallel_style._prepare_output_fn)
-    if input_args is None or output_args is None:
-        return None
-    return (input_args[0], *output_args)
+    if input_args is not None and output_args is not None:
+        return (input_args[0], *output_args)
+    for style in _closure_values(module.__dict__.get("forward")):
+        if type(style).__name__ == parallel_style.__name__ and type(style).__module__.startswith("transformers."):
+            return ((style.input_layouts,), (style.output_layouts,), style.use_local_output)
+    return None
+
+
+def _closure_values(function: Any) -> list[Any]:
+    return [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()]
 
 
 def refuse_sharded(model: nn.Module, feature: str) -> None:
@@ -250,7 +279,7 @@ def refuse_sharded(model: nn.Module, feature: str) -> None:
 
 
 def agree(mesh: DeviceMesh, build: Callable[[], Result]) -> Result:
-    """``build()`` on every rank of ``mesh``; its result when it succeeded on every rank, else the same error on every rank.
+    """``build()`` on every rank of ``mesh``: its result if it succeeded everywhere, else the same error on every rank.
 
     A successful call costs one all-reduce of one integer; a failure gathers the first failing rank's
     error type and message, and every rank raises it (prefixed with that rank) before anything is written.
@@ -264,24 +293,35 @@ def agree(mesh: DeviceMesh, build: Callable[[], Result]) -> Result:
     dist.all_reduce(failed, group=group)
     if not int(failed):
         return result
-    errors: list[tuple[type[HotswapError], str] | None] = [None] * dist.get_world_size(group)
+    errors: list[tuple[type[HotswapError], str, dict[str, Any]] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, _portable(error), group=group)
-    rank, (kind, message) = next((rank, item) for rank, item in enumerate(errors) if item is not None)
-    raise kind(f"rank {rank} of {len(errors)}: {message}") from error
+    rank, (kind, message, attributes) = next((rank, item) for rank, item in enumerate(errors) if item is not None)
+    raise _rebuilt(kind, f"rank {rank} of {len(errors)}: {message}", attributes) from error
 
 
-def _portable(error: Exception | None) -> tuple[type[HotswapError], str] | None:
+def _portable(error: Exception | None) -> tuple[type[HotswapError], str, dict[str, Any]] | None:
+    """What every rank needs to raise ``error`` again: its type, message and attributes (picklable)."""
     if error is None:
         return None
     if isinstance(error, HotswapError):
-        return type(error), str(error)
-    return HotswapError, f"{type(error).__name__}: {error}"
+        return type(error), str(error), dict(vars(error))
+    return HotswapError, f"{type(error).__name__}: {error}", {}
+
+
+def _rebuilt(kind: type[HotswapError], message: str, attributes: dict[str, Any]) -> HotswapError:
+    """A ``kind`` with ``message`` and the failing rank's attributes (``layer``, ``rank``, ...), built without
+    calling ``kind.__init__``, whose signature differs between error types."""
+    error = kind.__new__(kind, message)
+    error.args = (message,)
+    error.__dict__.update(attributes)
+    return error
 
 
 class TensorParallelSlots(AdapterSlots):
     """:class:`AdapterSlots` on a tensor-parallel model: each rank packs its slices; loads agree across ranks.
 
-    Call every verb on every rank with the same arguments (``load`` is a collective).
+    Call every verb on every rank with the same arguments, in the same order (``load`` and ``packed`` are
+    collectives; ``prefetch`` is not: it fills this rank's cache, and the next ``load`` agrees).
     """
 
     def __init__(self, *args: Any, shards: ShardPlan, check_rows: bool = False) -> None:
@@ -289,16 +329,26 @@ class TensorParallelSlots(AdapterSlots):
         self.shards = shards
 
     def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
-        return self.layout.pack(self.shards.read(source, allow_pickle), pin_memory=self._pin)
+        return super().pack(self.shards.read(source, allow_pickle))
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """This rank's slices of a whole in-memory ``adapter``, validated and padded (no collective, no write)."""
-        return self.layout.pack(self.shards.slice(adapter), pin_memory=self._pin)
+        return super().pack(self.shards.slice(adapter))
+
+    def _base_weight(self, name: str) -> torch.Tensor:
+        weight = super()._base_weight(name)
+        return weight.to_local() if isinstance(weight, DTensor) else weight
+
+    def packed(self, source: AdapterSource, *, allow_pickle: bool = False) -> PackedAdapter:
+        """A collective: every rank gets its slices packed (from its cache, else read, validated, padded), or every
+        rank raises the same error. ``load`` and the pool go through it, so no rank writes unless all can."""
+        packed_here = super().packed
+        return agree(self.shards.mesh, lambda: packed_here(source, allow_pickle=allow_pickle))
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
-        """Every rank reads, validates and pads its slices; only if all succeeded does any rank write ``slot``."""
+        """A collective, always through :meth:`packed` (this rank's slices, agreed), also without a host cache."""
         self.router.check_slot(slot)
-        self.load_packed(agree(self.shards.mesh, lambda: self.packed(source, allow_pickle=allow_pickle)), slot)
+        self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
 
     def __repr__(self) -> str:
         return (
