@@ -336,7 +336,8 @@ def test_demo_with_one_round_reports_no_warm_swap_and_shows_progress(capsys):
     assert run_cli(capsys, "demo", "--rounds", "0")[0] == 2
     with pytest.raises(ValueError, match="at least one round"):
         run_demo(rounds=0)
-    code, out, err = run_cli(capsys, "demo", "--rounds", "1", "--json", "--backend", "eager")  # inductor: test_core_llama
+    # the eager backend: what is tested is the demo's report; inductor is exercised in test_core_llama
+    code, out, err = run_cli(capsys, "demo", "--rounds", "1", "--json", "--backend", "eager")
     assert code == 0, err
     rows = json.loads(out)
     assert [row["adapter"] for row in rows] == list(DEMO_ADAPTERS)
@@ -353,4 +354,5 @@ def test_inspect_lists_every_adapter_of_a_folder_and_says_why_one_fails(capsys, 
     assert "peft-dir" in out and "not readable as LoRA adapters" in out and "truncated" in out
     code, out, _ = run_cli(capsys, "inspect", tmp_path, "--json")
     rows = {row["source"].rsplit("/", 1)[-1]: row for row in json.loads(out)}
-    assert code == 1 and rows["attn-r2"]["format"] == "peft-dir" and "truncated" in rows["truncated.safetensors"]["error"]
+    assert code == 1 and rows["attn-r2"]["format"] == "peft-dir"
+    assert "truncated" in rows["truncated.safetensors"]["error"]

@@ -85,7 +85,7 @@ def test_layer_types_match_peft_compiled_without_recompiles(tmp_path, build, spe
         for name, path in paths.items():
             slots.load(path)
             torch.testing.assert_close(output(model(tokens)), references[name], atol=1e-5, rtol=0)
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend="aot_eager")  # recompiles are dynamo's; inductor: test_core_llama
         compiled(tokens)
         pointers = [t.data_ptr() for t in model.buffers()]
         with loraswap.no_recompile():
@@ -108,7 +108,8 @@ def test_routed_rows_gather_their_slot_in_every_layer_type(tmp_path, build, spec
     ids = [2, -1, 0, 1]
     with torch.no_grad():
         references = [output(peft_reference(base, path)(tokens)) for path in paths.values()]
-        expected = torch.stack([output(base(tokens))[row] if s == -1 else references[s][row] for row, s in enumerate(ids)])
+        base_output = output(base(tokens))
+        expected = torch.stack([base_output[row] if s == -1 else references[s][row] for row, s in enumerate(ids)])
     model = copy.deepcopy(base)
     slots = loraswap.attach(model, loraswap.Capacity.for_adapters(paths.values(), model=model, slots=len(paths)))
     assert all(layer.gathered for layer in model.modules() if isinstance(layer, SlotLayer))

@@ -69,7 +69,9 @@ def entry_damage(header: dict):
         st.tuples(st.integers(0, first_size - 1), st.integers(first_size, 2 * first_size)),  # overlapping
         st.tuples(st.integers(-5, -1), st.integers(0, 10)),
     ).map(list)
-    shapes = st.one_of(st.lists(HUGE, min_size=1, max_size=3), st.lists(st.integers(-3, 3), max_size=4), st.just("2x64"))
+    shapes = st.one_of(
+        st.lists(HUGE, min_size=1, max_size=3), st.lists(st.integers(-3, 3), max_size=4), st.just("2x64")
+    )
     dtypes = st.one_of(st.sampled_from(NOT_FLOAT_DTYPES + ["F7", "", "float32"]), st.integers(), st.none())
     return st.one_of(
         st.builds(damaged, key, st.just("data_offsets"), offsets),
@@ -137,19 +139,23 @@ def test_lora_weights_of_a_non_float_dtype_are_refused(served, llama_adapters, t
         save_file({key: value.to(dtype) for key, value in tensors.items()}, path)
         with pytest.raises(loraswap.HotswapError, match="floating point"):
             slots.load(path)
+        assert any("not floating point" in reason for reason in loraswap.inspect(path).unsupported)
     assert_unchanged(model, before)
 
 
 NOT_A_STRING = st.one_of(st.none(), st.booleans(), st.integers(), st.lists(st.integers(), min_size=1, max_size=2))
 NOT_A_NUMBER = st.one_of(st.none(), st.booleans(), st.text(max_size=4), st.sampled_from([float("nan"), float("inf")]))
+NOT_A_PATTERN = st.dictionaries(st.just("q_proj"), NOT_A_NUMBER, min_size=1)
 BAD_FIELDS = {  # config field -> values that field can never take in a PEFT LoRA config
     "r": st.one_of(NOT_A_NUMBER, st.integers(-(1 << 70), 0), st.floats(0.1, 64.0)),
     "lora_alpha": st.one_of(NOT_A_NUMBER, st.lists(st.integers(), max_size=2)),
-    "rank_pattern": st.one_of(NOT_A_STRING.filter(lambda v: v is not None), st.dictionaries(st.just("q_proj"), NOT_A_NUMBER, min_size=1)),
-    "alpha_pattern": st.one_of(st.text(min_size=1, max_size=4), st.dictionaries(st.just("q_proj"), NOT_A_NUMBER, min_size=1)),
+    "rank_pattern": st.one_of(NOT_A_STRING.filter(lambda v: v is not None), NOT_A_PATTERN),
+    "alpha_pattern": st.one_of(st.text(min_size=1, max_size=4), NOT_A_PATTERN),
     "target_modules": st.one_of(st.integers(), st.booleans(), st.lists(st.integers(), min_size=1, max_size=2)),
     "use_rslora": st.one_of(st.integers(), st.text(max_size=4)),
-    "peft_type": st.one_of(NOT_A_STRING.filter(lambda v: v is not None), st.text(max_size=6).filter(lambda t: t.upper() != "LORA")),
+    "peft_type": st.one_of(
+        NOT_A_STRING.filter(lambda v: v is not None), st.text(max_size=6).filter(lambda t: t.upper() != "LORA")
+    ),
 }  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import torch
 
 import loraswap
 from loraswap import AdapterFolder, AdapterPool
-from loraswap.synthetic import merged_reference, peft_multi_adapter
+from loraswap.synthetic import merged_reference, peft_multi_adapter, peft_reference, write_catalogue
 
 SLOTS = 3
 ROWS = 6
@@ -52,7 +52,9 @@ def reference(peft_model, llama_base, tokens):
 def served(llama_base, llama_adapters):
     """A model attached with fewer slots than adapters, compiled once (eager backend: guards are what is tested)."""
     model = copy.deepcopy(llama_base)
-    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=SLOTS, max_batch=ROWS)
+    capacity = loraswap.Capacity.for_adapters(
+        llama_adapters.values(), model=model, slots=SLOTS, max_batch=ROWS, max_blend=2
+    )
     slots = loraswap.attach(model, capacity)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
@@ -165,6 +167,7 @@ def test_over_capacity_batch_raises_naming_both_numbers_and_changes_nothing(pool
     [
         ("no-such-adapter", loraswap.AdapterNotFoundError),
         ({"attn-r2": float("nan")}, loraswap.SlotError),
+        ({"attn-r2": 0.5, "mlp-r32-rslora": 0.5, "embed-and-v": 0.5}, loraswap.SlotError),  # over max_blend
     ],
 )
 def test_a_bad_row_raises_for_that_batch_only(pool, served, tokens, names, reference, bad, error):
@@ -319,3 +322,25 @@ def test_fused_pool_refuses_mixed_rows_and_strengths(fused, rows):
     with pytest.raises(loraswap.ModeError):
         with pool.route(rows):
             pass
+
+
+def test_catalogue_adapters_are_what_peft_reads(llama_base, llama_tokens, tmp_path):
+    """The benchmark's catalogue writer produces adapters PEFT loads as it loads its own."""
+    paths = write_catalogue(llama_base, tmp_path, 7)
+    chosen = [paths["adapter-0003"], paths["adapter-0006"]]  # rank 32 on every projection; rank 8 on q/v
+    model = copy.deepcopy(llama_base)
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(chosen, model=model))
+    for path in chosen:
+        slots.load(path)
+        with torch.no_grad():
+            expected = peft_reference(llama_base, path)(llama_tokens).logits
+            torch.testing.assert_close(model(llama_tokens).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_zipf_traffic_favours_the_head():
+    from loraswap.bench.pool import zipf_ids
+
+    ids = [f"a{i}" for i in range(200)]
+    draws = zipf_ids(ids, 4000, 1.1, random.Random(0))
+    counts = sorted((draws.count(adapter_id) for adapter_id in set(draws)), reverse=True)
+    assert counts[0] > 0.1 * len(draws) and len(counts) > 100

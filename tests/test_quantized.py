@@ -66,7 +66,8 @@ def test_fused_mode_refuses_a_quantized_weight(llama_base, llama_adapters, llama
     with pytest.raises(ModeError, match=rf"q_proj.*weight is quantized .*{weight_type}.*mode='slots'"):
         loraswap.attach(model, capacity, mode="fused")
     assert not loraswap.fused.is_fused(model)
-    assert {name: module.weight for name, module in model.named_modules() if hasattr(module, "weight")} == weights_before
+    weights_after = {name: module.weight for name, module in model.named_modules() if hasattr(module, "weight")}
+    assert weights_after == weights_before
     with torch.no_grad():
         assert torch.equal(model(llama_tokens).logits, logits_before)
 
@@ -117,3 +118,21 @@ def test_slots_mode_on_torchao_weights_matches_peft_compiled(
     torch.testing.assert_close(routed[0], expected[1][0], atol=1e-6, rtol=0)
     torch.testing.assert_close(routed[1], expected[0][1], atol=1e-6, rtol=0)
     torch.testing.assert_close(routed[2], base[2], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("quantization", ["torchao int8", "quanto frozen"])
+def test_fused_mode_refuses_to_merge_after_the_model_was_quantized(
+    llama_base, llama_adapters, llama_tokens, quantization
+):
+    quantize, _ = REFUSED[quantization]
+    model = copy.deepcopy(llama_base)
+    fused = loraswap.attach(
+        model, loraswap.Capacity.for_adapters([llama_adapters["attn-r2"]], model=model), mode="fused", cache_bytes=0
+    )
+    quantize(model)
+    with torch.no_grad():
+        logits_before = model(llama_tokens).logits
+    with pytest.raises(loraswap.LayoutChangedError, match="q_proj.*moved, cast or quantized"):
+        fused.load(llama_adapters["attn-r2"])
+    with torch.no_grad():
+        assert torch.equal(model(llama_tokens).logits, logits_before)

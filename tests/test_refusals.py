@@ -109,14 +109,15 @@ def test_raw_pissa_names_the_conversion_and_the_converted_adapter_matches_the_tr
     torch.manual_seed(0)
     trained = get_peft_model(copy.deepcopy(llama_base), LoraConfig(r=2, lora_alpha=2, init_lora_weights="pissa",
                                                                    target_modules=TARGETS))
-    trained.save_pretrained(str(tmp_path / "initial"))
+    trained.save_pretrained(str(tmp_path / "initial"))  # before training, as PEFT's PiSSA example does
     with torch.no_grad():
         for name, param in trained.named_parameters():
             if "lora_" in name:
                 param.add_(torch.randn_like(param) * 0.05)  # "training"
         expected = trained(llama_tokens).logits
     trained.save_pretrained(str(tmp_path / "raw"))
-    trained.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    initial = str(tmp_path / "initial")
+    trained.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=initial)
     model, slots = served
     with pytest.raises(UnsupportedAdapterError, match="PiSSA.*path_initial_model_for_weight_conversion"):
         slots.load(tmp_path / "raw", slot=1)
@@ -140,7 +141,9 @@ def resized_vocab_adapter(llama_base, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["slots", "fused"])
-def test_embedding_lora_with_a_resized_vocabulary_is_refused_naming_layer_and_rows(llama_base, resized_vocab_adapter, mode):
+def test_embedding_lora_with_a_resized_vocabulary_is_refused_naming_layer_and_rows(
+    llama_base, resized_vocab_adapter, mode
+):
     path, resized = resized_vocab_adapter
     torch.manual_seed(5)
     redrawn = copy.deepcopy(llama_base)
@@ -155,7 +158,8 @@ def test_embedding_lora_with_a_resized_vocabulary_is_refused_naming_layer_and_ro
             slots.load(path)
         assert_unchanged(model, before)
     same_base = copy.deepcopy(resized)  # the base the adapter was trained on: it loads
-    loraswap.attach(same_base, loraswap.Capacity(max_rank=4, target_modules=["embed_tokens", "q_proj"]), mode=mode).load(path)
+    capacity = loraswap.Capacity(max_rank=4, target_modules=["embed_tokens", "q_proj"])
+    loraswap.attach(same_base, capacity, mode=mode).load(path)
 
 
 def test_capacity_for_adapters_reads_pickles_only_when_allowed(llama_adapters, tmp_path):
@@ -273,7 +277,8 @@ def assert_pipeline_unchanged(pipe, before):
 
 
 @pytest.mark.parametrize(
-    "case", ["DoRA (kohya SD1.5)", "DoRA (kohya Flux)", "LyCORIS LoHa", "LyCORIS LoKr", "the BFL Flux Control LoRA layout"]
+    "case",
+    ["DoRA (kohya SD1.5)", "DoRA (kohya Flux)", "LyCORIS LoHa", "LyCORIS LoKr", "the BFL Flux Control LoRA layout"],
 )
 def test_pipeline_files_are_refused_by_name_before_diffusers_converts_them(pipelines, case):
     attached, files, _ = pipelines
@@ -298,20 +303,28 @@ def test_a_converter_assertion_arrives_as_a_format_error_naming_the_file(pipelin
     attached, _, linear1 = pipelines
     pipe, pipeline_slots = attached["flux"]
     before = pipeline_snapshot(pipe)
-    with pytest.raises(AdapterFormatError, match=rf"^{re.escape(str(linear1))}: diffusers' converter rejected .*AssertionError"):
+    expected = rf"^{re.escape(str(linear1))}: diffusers' converter rejected .*AssertionError"
+    with pytest.raises(AdapterFormatError, match=expected):
         pipeline_slots.load(linear1)
     assert_pipeline_unchanged(pipe, before)
 
 
-def test_enable_lora_hotswap_rank_error_names_target_rank(tmp_path):
+def test_enable_lora_hotswap_rank_errors_name_target_rank(tmp_path):
+    """Over target_rank at the first load (which sizes the capacity) and at a later hotswap, the error speaks of
+    target_rank, the drop-in's word, not of Capacity.max_rank."""
     from loraswap import diffusers as lsd
     from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
 
     pipe = tiny_sd_pipeline()
-    path = write_kohya_lora(pipe, tmp_path / "r4.safetensors", LoraSpec(targets={"unet": ["to_q"]}, rank=4))
+    r2, r4 = (write_kohya_lora(pipe, tmp_path / f"r{rank}.safetensors", LoraSpec(targets={"unet": ["to_q"]}, rank=rank))
+              for rank in (2, 4))  # fmt: skip
     lsd.enable_lora_hotswap(pipe, target_rank=2)
+    expected = r"rank 4 .*target_rank=2.*target_rank=4"
+    with pytest.raises(CapacityError, match=expected) as first:
+        pipe.load_lora_weights(str(r4))
+    pipe.load_lora_weights(str(r2), adapter_name="style")
     before = pipeline_snapshot(pipe)
-    with pytest.raises(CapacityError, match=r"rank 4 exceeds .*target_rank=2.*target_rank=4") as raised:
-        pipe.load_lora_weights(str(path))
-    assert "Capacity.max_rank" not in str(raised.value)
+    with pytest.raises(CapacityError, match=expected) as later:
+        pipe.load_lora_weights(str(r4), adapter_name="style", hotswap=True)
+    assert "Capacity.max_rank" not in str(first.value) + str(later.value)
     assert_pipeline_unchanged(pipe, before)

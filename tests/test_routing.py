@@ -262,7 +262,7 @@ def test_per_token_routing_matches_peft(packed_setup, shape):
 def gathered(llama_base, llama_adapters):
     """The same four adapters in the default capacity (``max_blend=1``): every layer gathers each row's slot."""
     model = copy.deepcopy(llama_base)
-    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH)
+    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=4, max_batch=MAX_BATCH)
     assert capacity.max_blend == 1
     slots = loraswap.attach(model, capacity)
     for slot, path in enumerate(llama_adapters.values()):

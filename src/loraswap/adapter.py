@@ -262,8 +262,18 @@ def open_safetensors(path: Path):
         raise AdapterFormatError(f"{path}: not a valid safetensors file ({err}); re-download or re-save it") from err
 
 
-def read_safetensors(path: Path, config: Mapping[str, Any] | None, shard: ShardFn | None = None) -> Adapter:
-    """With ``shard``, each tensor is read through a safetensors slice: only the part ``shard`` keeps."""
+def read_safetensors(
+    path: Path, config: Mapping[str, Any] | None, shard: ShardFn | None = None, *, mapped: bool = False
+) -> Adapter:
+    """With ``shard``, each tensor is read through a safetensors slice: only the part ``shard`` keeps.
+    ``mapped=True`` (without ``shard``) gives tensors that are views of the file's memory map."""
+    tensors, metadata = mapped_safetensors(path) if mapped and shard is None else (None, {})
+    if tensors is not None:
+        if config is None:
+            config = _config_from_metadata(metadata, path)
+        check_adapter_supported(list(tensors), config, str(path))
+        group_lora_keys(tensors.keys(), str(path))
+        return adapter_from_state_dict(tensors, config, source=str(path))
     with open_safetensors(path) as handle:
         keys = list(handle.keys())
         if config is None:
@@ -272,6 +282,30 @@ def read_safetensors(path: Path, config: Mapping[str, Any] | None, shard: ShardF
         group_lora_keys(keys, str(path))  # before reading tensors
         state_dict = {key: _read_part(key, handle.get_slice, shard, handle.get_tensor) for key in keys}
     return adapter_from_state_dict(state_dict, config, source=str(path))
+
+
+def mapped_safetensors(path: Path) -> tuple[dict[str, torch.Tensor] | None, Mapping[str, str]]:
+    """Every tensor of a safetensors file as a view of one private (copy-on-write) memory map, and the metadata.
+
+    Nothing is read until a view is: packing an adapter then copies each tensor once, from the page
+    cache straight into its padded place. ``safe_open(...).get_tensor`` copies each tensor out first
+    (about 6 ms for a 20 MB adapter of 112 tensors here, against 0.8 ms for these views). Returns
+    ``(None, metadata)`` when a dtype has no torch equivalent or an offset is not aligned to its
+    element size: the caller then reads with ``safe_open``.
+    """
+    from .info import read_safetensors_header, torch_dtype  # info reads headers with this module's helpers
+
+    header = read_safetensors_header(path)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=header.file_bytes)
+    data = torch.empty(0, dtype=torch.uint8).set_(storage)
+    tensors = {}
+    for key, entry in header.tensors.items():
+        dtype = torch_dtype(entry.dtype)
+        start = header.data_start + entry.begin
+        if dtype is None or start % dtype.itemsize:
+            return None, header.metadata
+        tensors[key] = data[start : header.data_start + entry.end].view(dtype).view(entry.shape)
+    return tensors, header.metadata
 
 
 def _read_part(key: str, sliceable: Callable[[str], Any], shard: ShardFn | None, whole: Callable[[str], torch.Tensor]):
@@ -363,18 +397,31 @@ def load_adapter(
 
     ``shard`` (tensor parallel) keeps part of each tensor; from safetensors only that part is read.
     """
+    return read_adapter(source, allow_pickle=allow_pickle, revision=revision, shard=shard)
+
+
+def read_adapter(
+    source: AdapterSource,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    shard: ShardFn | None = None,
+    mapped: bool = False,
+) -> Adapter:
+    """:func:`load_adapter`; ``mapped=True`` leaves safetensors tensors as views of the file's memory map,
+    for a caller that copies them once into its own layout and drops the adapter (a slot pack)."""
     if isinstance(source, Adapter):
         return source
     path = resolve_source(source, revision)
     if path.is_dir():
         config = read_config(path / CONFIG_NAME) if (path / CONFIG_NAME).exists() else None
         if (path / SAFETENSORS_NAME).exists():
-            return read_safetensors(path / SAFETENSORS_NAME, config, shard)
+            return read_safetensors(path / SAFETENSORS_NAME, config, shard, mapped=mapped)
         if (path / PICKLE_NAME).exists():
             return read_pickle(path / PICKLE_NAME, config, allow_pickle, shard)
         raise AdapterNotFoundError(f"{path}: holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
     if path.suffix == ".safetensors":
-        return read_safetensors(path, None, shard)
+        return read_safetensors(path, None, shard, mapped=mapped)
     if path.suffix in {".bin", ".pt", ".pth"}:
         return read_pickle(path, None, allow_pickle, shard)
     raise AdapterFormatError(f"{path}: unknown adapter file type {path.suffix!r}; expected .safetensors or a directory")

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, LayerLora, load_adapter
+from .adapter import Adapter, AdapterSource, LayerLora, read_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import CapacityError, LayoutChangedError, ModeError, NonFiniteError, SlotError
 from .layers import SlotConv1D, SlotEmbedding, slot_layer_class
-from .layout import SlotLayout, check_packed_for, check_saved_base_weights
+from .layout import SlotLayout, all_finite, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights
 
 _FUSED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -272,8 +272,7 @@ class FusedSlots:
         key = cache_key(source)
         fused = self.cache.get(key)
         if fused is None:
-            adapter = load_adapter(source, allow_pickle=allow_pickle)
-            fused = self.pack(adapter)
+            fused = self.pack(read_adapter(source, allow_pickle=allow_pickle, mapped=True))
             self.cache.put(key, fused, keep_alive=source if isinstance(source, Adapter) else None)
         return fused
 
@@ -309,6 +308,7 @@ class FusedSlots:
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Merge ``source`` into the weights (into the active slot), or stage it for ``activate(slot)``."""
         self._check_slot(slot)
+        self._check_layout()  # before packing, which reads the targeted weights' dtypes
         self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
 
     def load_packed(self, fused: FusedAdapter, slot: int = 0) -> None:
@@ -396,8 +396,11 @@ class FusedSlots:
             )
 
     def _check_layout(self) -> None:
+        """Raise when a targeted layer or its weight is no longer the one attach saw (moved, cast, quantized, replaced)."""
         for name, target in self.targets.items():
-            if target.module.weight.data_ptr() != self._weight_ptrs[name]:
+            module = target.module
+            replaced = self.model.get_submodule(name) is not module or quantized_weight(module) is not None
+            if replaced or module.weight.data_ptr() != self._weight_ptrs[name]:
                 raise LayoutChangedError(
                     f"layer {name!r}: its weight was replaced after attach (the model was moved, cast or quantized); "
                     "call .to()/.half() before loraswap.attach, then attach again on a fresh model"
@@ -445,10 +448,7 @@ def _merge_bias(target: FusedTarget, factors: LayerFactors | None) -> None:
 
 
 def _check_finite(live: torch.Tensor, target: FusedTarget, what: str) -> None:
-    """Raise when ``live`` holds NaN or inf. A sum propagates both and costs one read (an elementwise
-    ``isfinite`` allocates a mask and is ~100x slower), so only a non-finite sum is confirmed element-wise."""
-    total = live.sum(dtype=torch.float32 if live.dtype in (torch.float16, torch.bfloat16) else live.dtype)
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(live).all()):
+    if not all_finite([live]):
         raise NonFiniteError(
             f"layer {target.name!r}: the merged {what} is not finite in {live.dtype} (the adapter overflows it); "
             "lower the adapter's alpha or attach with mode='slots'"

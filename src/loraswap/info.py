@@ -65,6 +65,15 @@ _DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "U64": (8, None),
 }
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # what a load accepts for LoRA weights
+
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (None where torch has none loraswap reads)."""
+    return _DTYPES[name][1]
+
+
 # Key suffix -> role, per key family. Longer suffixes first where one ends another.
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "lora_A"),
@@ -233,7 +242,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise AdapterFormatError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterFormatError(f"{path}: the safetensors __metadata__ is not an object of strings; the file is corrupt")
+        raise AdapterFormatError(f"{path}: the safetensors __metadata__ is not an object of strings; it is corrupt")
     tensors = {key: _tensor_entry(path, key, value) for key, value in header.items()}
     data_start = 8 + header_bytes
     declared = _check_contiguous(path, tensors)
@@ -285,7 +294,7 @@ def _read_scalar(header: SafetensorsHeader, key: str) -> float:
 
 
 def detect_format(keys) -> str | None:
-    """``kohya``, ``xlabs``, ``diffusers`` or ``peft-safetensors`` from the key names, or None for no LoRA keys at all."""
+    """``kohya``, ``xlabs``, ``diffusers`` or ``peft-safetensors`` from the key names; None for no LoRA keys at all."""
     keys = list(keys)
     if any(key.startswith(tuple(_KOHYA_PREFIXES)) or key.endswith(".lora_down.weight") for key in keys):
         return FORMAT_KOHYA
@@ -473,12 +482,14 @@ def inspect(source: str | os.PathLike, revision: str | None = None) -> AdapterIn
         config_name = module[len(component) + 1 :] if component and file_format == FORMAT_DIFFUSERS else module
         layers[module] = _layer_info(header, module, roles, component_config, config_name)
     lora_keys = [key for roles in modules.values() for role, key in roles.items() if role != "alpha"]
+    dtypes = tuple(sorted({header.tensors[key].dtype for key in lora_keys}))
+    unsupported += [f"LoRA weights of dtype {dtype} (not floating point)" for dtype in dtypes if dtype not in FLOAT_DTYPES]
     return AdapterInfo(
         source=os.fspath(source),
         format=file_format,
         weights_file=str(weights),
         layers=layers,
-        dtypes=tuple(sorted({header.tensors[key].dtype for key in lora_keys})),
+        dtypes=dtypes,
         parameter_bytes=sum(header.tensors[key].end - header.tensors[key].begin for key in lora_keys),
         file_bytes=header.file_bytes,
         use_rslora=any(bool(options.get("use_rslora")) for options in configs.values()),

@@ -95,7 +95,7 @@ class SlotLayer(nn.Module):
         return coefficients(self.row_weights, self.per_token, batch, positions)
 
     def _expand(self, hidden: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        """Dense kernel: shrunk activations ``[n, S, R]`` and ``routing [n, S]`` -> LoRA delta ``[n, out]``, bias included.
+        """Dense kernel: shrunk activations ``[n, S, R]``, ``routing [n, S]`` -> delta ``[n, out]``, bias included.
 
         With one slot, the routing weight times the scale is one scalar per row, applied to the output
         where it fuses into the residual add (PEFT's order, ``B(Ax) * scale``); with several, each
@@ -123,7 +123,7 @@ class SlotLayer(nn.Module):
         return slot_ids, self.row_terms[row] * self.scale[slot_ids]
 
     def _gathered_expand(self, hidden: torch.Tensor, slot_ids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """Gathered kernel: shrunk activations ``[B, P, K, R]`` -> delta ``[B, P, out]`` through each row's own ``lora_B``.
+        """Gathered kernel: shrunk activations ``[B, P, K, R]`` -> delta ``[B, P, out]`` through each row's ``lora_B``.
 
         With one term per row the weight scales the output, as PEFT orders it; with K terms it
         scales each term's shrunk activations and one batched matmul sums the terms.

@@ -12,6 +12,7 @@ before reading a tensor, so the two always agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,8 @@ class Unsupported:
     evidence: str
 
     def message(self, where: str) -> str:
-        return f"{where}: {self.feature.name} ({self.evidence}) cannot be hot-swapped: {self.feature.why}; {self.feature.fix}"
+        feature = self.feature
+        return f"{where}: {feature.name} ({self.evidence}) cannot be hot-swapped: {feature.why}; {feature.fix}"
 
 
 DORA = Feature(
@@ -106,7 +108,7 @@ CONFIG_FEATURES = {
     "use_dora": DORA,
     "modules_to_save": MODULES_TO_SAVE,
     "trainable_token_indices": TRAINABLE_TOKENS,
-    "layer_replication": Feature("layer_replication", "PEFT duplicated base layers, which changes the model's structure"),
+    "layer_replication": Feature("layer_replication", "PEFT duplicated base layers: another model structure"),
     "target_parameters": Feature("target_parameters (LoRA on nn.Parameter)", "slots wrap modules, not bare parameters"),
     "alora_invocation_tokens": Feature(
         "activated LoRA (alora_invocation_tokens)", "the LoRA applies only after an invocation sequence in the input"
@@ -168,7 +170,7 @@ def unsupported_in_keys(keys: Iterable[str]) -> list[Unsupported]:
 def unsupported_in_config(config: Mapping[str, Any]) -> list[Unsupported]:
     """One entry per PEFT config option that makes the adapter more than plain LoRA."""
     found = []
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    peft_type = str("LORA" if config.get("peft_type") is None else config["peft_type"]).upper()
     if peft_type != "LORA":
         feature = PEFT_TYPES.get(peft_type) or Feature(
             f"PEFT type {peft_type!r}", f"{peft_type!r} is not LoRA: it does not add one low-rank update B*A to a layer"
@@ -208,7 +210,8 @@ def refuse_unsupported(keys: Iterable[str], configs: Iterable[Mapping[str, Any]]
     found = find_unsupported(keys, configs)
     if found:
         others = "; ".join(item.feature.name for item in found[1:])
-        raise UnsupportedAdapterError(found[0].message(where) + (f" (the adapter also has: {others})" if others else ""))
+        also = f" (the adapter also has: {others})" if others else ""
+        raise UnsupportedAdapterError(found[0].message(where) + also)
 
 
 def check_config_fields(config: Mapping[str, Any], where: str) -> None:
@@ -224,10 +227,11 @@ def check_config_fields(config: Mapping[str, Any], where: str) -> None:
         raise bad("r", "a positive integer")
     if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
         raise bad("lora_alpha", "a finite number")
-    for option, valid, expected in (("rank_pattern", _is_rank, "positive integers"), ("alpha_pattern", _is_number, "numbers")):
+    patterns = (("rank_pattern", _is_rank, "positive integers"), ("alpha_pattern", _is_number, "numbers"))
+    for option, valid, expected in patterns:
         pattern = config.get(option)
         if pattern is not None and not (
-            isinstance(pattern, Mapping) and all(isinstance(key, str) and valid(value) for key, value in pattern.items())
+            isinstance(pattern, Mapping) and all(isinstance(key, str) and valid(v) for key, v in pattern.items())
         ):
             raise bad(option, f"an object of module-name patterns to {expected}")
     targets = config.get("target_modules")
@@ -236,12 +240,12 @@ def check_config_fields(config: Mapping[str, Any], where: str) -> None:
     for option in ("use_rslora", "use_dora"):
         if option in config and config[option] is not None and not isinstance(config[option], bool):
             raise bad(option, "true or false")
-    if "peft_type" in config and not isinstance(config["peft_type"], str):
+    if config.get("peft_type") is not None and not isinstance(config["peft_type"], str):
         raise bad("peft_type", "a string such as 'LORA'")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_rank(value: Any) -> bool:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, load_adapter
+from .adapter import Adapter, AdapterSource, read_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import LayoutChangedError, SlotError
@@ -110,8 +110,8 @@ class AdapterSlots:
         return self.cache.get_or_build(cache_key(source), build, keep_alive)
 
     def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
-        """Read, validate and pad ``source``, bypassing the cache."""
-        return self.pack(load_adapter(source, allow_pickle=allow_pickle))
+        """Read, validate and pad ``source``, bypassing the cache (tensors copied once, from the file's memory map)."""
+        return self.pack(read_adapter(source, allow_pickle=allow_pickle, mapped=True))
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
@@ -126,26 +126,37 @@ class AdapterSlots:
         """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation.
 
         Safe while forwards run when no row reads ``slot``; otherwise it waits for ``lock``.
+        Without a host cache (``cache_bytes=0``) on CPU, the adapter is read and validated, then
+        copied from the file's memory map straight into the slot: no padded host copy is built.
         """
         self.router.check_slot(slot)
-        self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+        if self.cache.max_bytes or self._copy_stream is not None:
+            self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+            return
+        adapter = read_adapter(source, allow_pickle=allow_pickle, mapped=True)
+        check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
+        self.layout.validate(adapter, cast=True)
+        groups = len(self.layout.groups)
+        self._write_slot(slot, adapter.source, lambda rows: self.layout.fill(adapter, rows[:groups], rows[groups:]))
 
     def load_packed(self, packed: PackedAdapter, slot: int = 0) -> None:
         """Copy an adapter that :meth:`pack` (or :meth:`packed`) prepared into ``slot``: the write half of ``load``."""
         self.router.check_slot(slot)
         check_packed_for(packed, self.layout)
+        values = (*packed.weights, *packed.scales)
+        self._write_slot(slot, packed.source, lambda rows: torch._foreach_copy_(rows, values, non_blocking=True))
+
+    def _write_slot(self, slot: int, source: str, write: Callable[[tuple[torch.Tensor, ...]], object]) -> None:
+        """``write(rows of slot)`` of a validated adapter: without ``lock`` when no row reads ``slot``."""
         self._check_layout()
         with self._write_lock:
             if slot not in self._read_slots:
-                self._copy_into(slot, packed, slot_is_read=False)
+                self._write_rows(slot, write, slot_is_read=False)
+                self._loaded[slot] = source
                 return
         with self.lock, self._write_lock:
-            self._copy_into(slot, packed, slot_is_read=slot in self._read_slots)
-
-    def _copy_into(self, slot: int, packed: PackedAdapter, slot_is_read: bool) -> None:
-        values = (*packed.weights, *packed.scales)
-        self._write_rows(slot, lambda rows: torch._foreach_copy_(rows, values, non_blocking=True), slot_is_read)
-        self._loaded[slot] = packed.source
+            self._write_rows(slot, write, slot_is_read=slot in self._read_slots)
+            self._loaded[slot] = source
 
     def _write_rows(self, slot: int, write: Callable[[tuple[torch.Tensor, ...]], object], slot_is_read: bool) -> None:
         """Run ``write(rows of slot)``; on CUDA on the side stream, which orders every slot write."""

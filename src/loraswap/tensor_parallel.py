@@ -380,6 +380,11 @@ class TensorParallelSlots(AdapterSlots):
         packed_here = super().packed
         return agree(self.shards.mesh, lambda: packed_here(source, allow_pickle=allow_pickle))
 
+    def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
+        """A collective, always through :meth:`packed` (this rank's slices, agreed), also without a host cache."""
+        self.router.check_slot(slot)
+        self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+
     def __repr__(self) -> str:
         return (
             f"TensorParallelSlots(rank={self.shards.mesh.get_local_rank()} of {self.shards.mesh.size()}, "

@@ -271,8 +271,8 @@ def _diffusers_state_dict(pipe, source, label: str, allow_pickle: bool, hub_kwar
         if isinstance(err, FileNotFoundError) or "does not appear to have a file" in str(err):
             raise AdapterNotFoundError(f"{label}: diffusers found no LoRA weights there ({err})") from err
         raise AdapterFormatError(
-            f"{label}: diffusers' converter rejected this LoRA ({type(err).__name__}: {err}); its keys or shapes do not "
-            "fit the layout the converter expects (e.g. a kohya Flux file for a transformer of another width): "
+            f"{label}: diffusers' converter rejected this LoRA ({type(err).__name__}: {err}); its keys or shapes do "
+            "not fit the layout the converter expects (e.g. a kohya Flux file for a transformer of another width): "
             "check that the LoRA was trained for this pipeline's model"
         ) from err
     if len(result) == 3:

@@ -84,6 +84,7 @@ class AdapterPool:
         self.slot_count = _slot_count(slots)
         self.fused = _is_fused(slots)
         self._max_rows = _max_rows(slots)
+        self._max_blend = getattr(getattr(slots, "capacity", None), "max_blend", None)
         self._cond = threading.Condition()
         self._by_id: OrderedDict[AdapterId, _Resident] = OrderedDict()  # least recently used first
         self._by_slot: dict[int, _Resident] = {}
@@ -165,6 +166,13 @@ class AdapterPool:
                 f"attach with Capacity(max_batch={len(rows)}) or more"
             )
         parsed = [_parse_row(row, position) for position, row in enumerate(rows)]
+        if self._max_blend is not None:
+            for position, row in enumerate(parsed):
+                if sum(strength != 0.0 for strength in row.values()) > self._max_blend:
+                    raise SlotError(
+                        f"row {position} blends {len(row)} adapters but Capacity.max_blend is {self._max_blend}; "
+                        f"attach with Capacity(max_blend={len(row)}) or more"
+                    )
         ids = list(dict.fromkeys(adapter_id for row in parsed for adapter_id in row))
         if self.fused:
             ids = self._check_fused(parsed, ids)
