@@ -148,7 +148,7 @@ def reset(slots) -> None:
 def test_soak_forward_threads_against_a_thread_that_loads_activates_routes_blends_and_unloads(parts):
     base, tokens, paths = parts
     model = copy.deepcopy(base)
-    slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=3))
+    slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=3, max_blend=2))
     script = soak_script(paths)
     references: list[torch.Tensor] = []  # the distinct outputs of every state the script passes through
     reset(slots)

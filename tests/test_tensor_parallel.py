@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import loraswap
@@ -30,7 +30,7 @@ WORLD = 2
 JOIN_TIMEOUT_S = 300  # the test takes 20-40 s on an idle 2-core machine
 # 4 heads and 2 KV heads, both shard over 2 ranks; biases are sharded colwise (Shard(0)) and replicated rowwise
 TP_LLAMA = dict(hidden=128, layers=2, vocab=96, attention_bias=True, mlp_bias=True)
-# different ranks and targets: colwise only, rowwise only (with LoRA bias), both plus an unsharded embedding
+# different ranks and targets: colwise only, rowwise only (with LoRA bias), both plus the vocab-sharded embedding
 TP_ADAPTERS = {
     "colwise-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
     "rowwise-r8-bias": dict(
@@ -133,7 +133,7 @@ def check_swaps(mesh, workdir: Path) -> None:
     own = slots.shards.read(paths[2]).layers  # this rank's slices only: colwise lora_B rows, rowwise lora_A columns
     assert own["model.layers.0.self_attn.q_proj"].lora_B.shape == (TP_LLAMA["hidden"] // WORLD, 16)
     assert own["model.layers.0.mlp.down_proj"].lora_A.shape == (16, TP_LLAMA["hidden"])  # intermediate 256 / 2
-    assert own["model.embed_tokens"].lora_B.shape == (TP_LLAMA["hidden"], 16)  # not sharded: whole
+    assert own["model.embed_tokens"].lora_A.shape == (16, TP_LLAMA["vocab"] // WORLD)  # vocab-parallel
 
     a, b, c = TP_ADAPTERS
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -174,20 +174,20 @@ def check_swaps(mesh, workdir: Path) -> None:
 
 
 def check_transformers_tp_plan(mesh, workdir: Path) -> None:
-    """transformers' own ``tp_plan="auto"`` (DTensor weights, styles installed as forwards) takes slots the same way;
-    its plan shards the embedding rowwise, so the adapter that targets ``embed_tokens`` stays out."""
+    """transformers' own ``tp_plan="auto"`` (DTensor weights, styles installed as forwards, the embedding
+    vocab-parallel) takes slots the same way."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(workdir / "llama", tp_plan="auto", device_mesh=mesh).eval()
-    a, b, _ = TP_ADAPTERS
-    slots, expect, paths = attach_and_compile(model, workdir, (a, b))
+    a, b, c = TP_ADAPTERS
+    slots, expect, paths = attach_and_compile(model, workdir)
     slots.prefetch(paths[1]).result()  # this rank's slices, packed into the host cache in the background
     with torch._dynamo.config.patch(error_on_recompile=True):
         for slot, path in enumerate(paths):
             slots.load(path, slot)
         assert slots.cache.hits == 1
-        slots.route([1, -1, 0])
-        expect(b, "base", a)
+        slots.route([1, 2, 0])
+        expect(b, c, a)
 
 
 def check_colwise_embedding(mesh, workdir: Path) -> None:
@@ -212,13 +212,10 @@ def check_colwise_embedding(mesh, workdir: Path) -> None:
 def check_refusals(mesh) -> None:
     """Plans loraswap does not handle are refused at attach, naming the layer and its placement."""
     capacity = loraswap.Capacity(max_rank=4, target_modules=["embed_tokens", "q_proj"])
-    rowwise_embedding = {
-        **llama_tp_plan(TP_LLAMA["layers"]),
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
-    }
-    placement = r"'model.embed_tokens' \(Embedding, weight placements \(Shard\(dim=0\),\)\)"
+    sequence_parallel = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))}
+    placement = r"'model.embed_tokens' \(Embedding, weight placements \(Shard\(dim=0\),\)\) is rowwise.*Shard"
     with pytest.raises(loraswap.ShardingError, match=placement):
-        loraswap.attach(sharded_llama(mesh, rowwise_embedding), capacity)
+        loraswap.attach(sharded_llama(mesh, sequence_parallel), capacity)
     gathered = {"model.layers.0.self_attn.q_proj": ColwiseParallel(output_layouts=Replicate())}
     with pytest.raises(loraswap.ShardingError, match="'model.layers.0.self_attn.q_proj'.*colwise.*Replicate"):
         loraswap.attach(sharded_llama(mesh, gathered), capacity)

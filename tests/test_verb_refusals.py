@@ -87,9 +87,8 @@ def checked(llama_base, llama_adapters, llama_tokens):
     """A model attached with ``check_rows=True``, compiled once (eager backend: the check is not in the graph)."""
     model = copy.deepcopy(llama_base)
     paths = [llama_adapters["attn-r2"], llama_adapters["mixed-patterns"]]
-    slots = loraswap.attach(
-        model, loraswap.Capacity.for_adapters(paths, model=model, slots=2), cache_bytes=0, check_rows=True
-    )
+    capacity = loraswap.Capacity.for_adapters(paths, model=model, slots=2, max_blend=2)  # per-token routing
+    slots = loraswap.attach(model, capacity, cache_bytes=0, check_rows=True)
     for slot, path in enumerate(paths):
         slots.load(path, slot=slot)
     torch._dynamo.reset()

@@ -37,14 +37,16 @@ def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, seed: int = 
 
 
 def llama_tp_plan(layers: int) -> dict[str, Any]:
-    """The standard tensor-parallel plan for a Llama's decoder layers, for ``parallelize_module``:
-    q/k/v and gate/up colwise, o and down rowwise (embeddings and the head stay replicated)."""
+    """The standard tensor-parallel plan for a Llama, for ``parallelize_module``: the embedding vocab-parallel
+    (rowwise, ids replicated), q/k/v and gate/up colwise, o and down rowwise; the head stays replicated."""
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     styles = {"self_attn.o_proj": RowwiseParallel, "mlp.down_proj": RowwiseParallel}
     colwise = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
     styles.update(dict.fromkeys(colwise, ColwiseParallel))
-    return {f"model.layers.{layer}.{name}": style() for layer in range(layers) for name, style in styles.items()}
+    plan = {f"model.layers.{layer}.{name}": style() for layer in range(layers) for name, style in styles.items()}
+    return {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()), **plan}
 
 
 def write_peft_adapter(base: nn.Module, path: str | Path, seed: int = 0, **lora_config: Any) -> Path:

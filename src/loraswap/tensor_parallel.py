@@ -7,7 +7,8 @@ Each rank holds slot buffers for its shard only, as plain local tensors of fixed
   returns this rank's slice of the output features, so its slots hold ``lora_B`` rows for that slice
   and ``lora_A`` whole; the slot layer is the ordinary one, its output already matches the shard;
 - a rowwise Linear (``RowwiseParallel``, weight ``Shard(1)``) reads this rank's slice of the input
-  features, so its slots hold ``lora_A`` columns for that slice and ``lora_B`` whole. Since
+  features, so its slots hold ``lora_A`` columns for that slice and ``lora_B`` whole (a vocab-sharded
+  Embedding, weight ``Shard(0)``, likewise: ``lora_A`` columns of its vocabulary slice). Since
   ``B (sum_r A_r x_r) = sum_r B A_r x_r``, each rank adds its partial LoRA sum to its partial base
   matmul and one all-reduce (the one the base layer does anyway) sums both; the bias (and a LoRA
   bias, which only rank 0 holds) is added once.
@@ -17,7 +18,7 @@ validates it, and agrees with the other ranks before the first write (:func:`agr
 fails on any rank writes nothing on any rank, and every rank raises the same :class:`HotswapError`.
 Routing verbs are local writes: every rank must call the same verbs with the same arguments, as it
 runs the same forwards (SPMD). Plans loraswap does not handle (sequence parallel, gathered outputs,
-rowwise embeddings, meshes of more than one dimension) are refused at ``attach``.
+meshes of more than one dimension) are refused at ``attach``.
 """
 
 from __future__ import annotations
@@ -45,15 +46,13 @@ from .swap import AdapterSlots
 Result = TypeVar("Result")
 Style = Literal["colwise", "rowwise"]
 
-# (slot layer class, weight placement) -> style
-_STYLES: dict[tuple[type[SlotLayer], Any], Style] = {
-    (SlotLinear, Shard(0)): "colwise",
-    (SlotEmbedding, Shard(1)): "colwise",
-    (SlotLinear, Shard(1)): "rowwise",
-}
-_LAYOUTS = {  # style -> (ParallelStyle, input_layouts, output_layouts, use_local_output)
-    "colwise": (ColwiseParallel, (Replicate(),), (Shard(-1),), True),
-    "rowwise": (RowwiseParallel, (Shard(-1),), (Replicate(),), True),
+_COLWISE = (ColwiseParallel, ((Replicate(),), (Shard(-1),), True))  # (style, its default layouts)
+# (slot layer class, weight placement) -> (style, ParallelStyle, (input_layouts, output_layouts, use_local_output))
+_STYLES: dict[tuple[type[SlotLayer], Any], tuple[Style, type, tuple]] = {
+    (SlotLinear, Shard(0)): ("colwise", *_COLWISE),
+    (SlotEmbedding, Shard(1)): ("colwise", *_COLWISE),
+    (SlotLinear, Shard(1)): ("rowwise", RowwiseParallel, ((Shard(-1),), (Replicate(),), True)),
+    (SlotEmbedding, Shard(0)): ("rowwise", RowwiseParallel, ((Replicate(),), (Replicate(),), True)),
 }
 
 _SHARDED_DIM = {"colwise": {"lora_B": 0, "lora_bias": 0}, "rowwise": {"lora_A": 1}}  # style -> role -> dim cut
@@ -136,6 +135,40 @@ class RowwiseSlotLinear(SlotLinear):
         return output if bias is None else output + bias.to_local()
 
 
+class PartialEmbedding(nn.Module):
+    """A vocab-sharded Embedding's local lookup: rows of this rank's vocabulary slice, by local id."""
+
+    def __init__(self, sharded: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = sharded.weight
+
+    def forward(self, local_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(local_ids, self.weight.to_local())
+
+
+class RowwiseSlotEmbedding(SlotEmbedding):
+    """A vocab-sharded (``RowwiseParallel``) Embedding with slots: ``lora_A`` holds this rank's vocabulary columns.
+
+    Ids this rank holds get its base row plus its LoRA; the others give zeros here; one all-reduce sums the ranks.
+    """
+
+    def __init__(self, base_layer: nn.Embedding, *buffers_and_router: Any) -> None:
+        super().__init__(PartialEmbedding(base_layer), *buffers_and_router)
+        weight = base_layer.weight
+        self.mesh = weight.device_mesh
+        local, offset = compute_local_shape_and_global_offset(weight.shape, self.mesh, weight.placements)
+        self.vocab_start, self.vocab_size = offset[0], local[0]
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        local = ids - self.vocab_start
+        held = (local >= 0) & (local < self.vocab_size)
+        partial = super().forward(torch.where(held, local, 0), *args, **kwargs)
+        return funcol.all_reduce(partial * held.unsqueeze(-1).to(partial.dtype), "sum", self.mesh)
+
+
+_ROWWISE_CLASSES = {SlotLinear: RowwiseSlotLinear, SlotEmbedding: RowwiseSlotEmbedding}
+
+
 class ShardPlan:
     """Which target layers are sharded, how, and this rank's slice of each: decided once at ``attach``."""
 
@@ -153,8 +186,8 @@ class ShardPlan:
         meshes = set()
         for name, module, layer_class in targets:
             weight = getattr(module, "weight", None)
-            if not isinstance(weight, DTensor):
-                continue
+            if not isinstance(weight, DTensor) or all(isinstance(p, Replicate) for p in weight.placements):
+                continue  # a whole weight on every rank (transformers makes every unsharded weight a replicated DTensor)
             style = _style_of(name, module, layer_class, weight)
             mesh = weight.device_mesh
             meshes.add(mesh)
@@ -177,7 +210,7 @@ class ShardPlan:
 
     def layer_class(self, name: str, layer_class: type[SlotLayer]) -> type[SlotLayer]:
         shard = self.shards.get(name)
-        return RowwiseSlotLinear if shard is not None and shard.style == "rowwise" else layer_class
+        return _ROWWISE_CLASSES[layer_class] if shard is not None and shard.style == "rowwise" else layer_class
 
     def take(self, module: str, role: str, tensor: Any) -> torch.Tensor | None:
         """This rank's part of one adapter tensor, or None when its layer is not sharded (read it whole)."""
@@ -219,13 +252,13 @@ def _style_of(name: str, module: nn.Module, layer_class: type[SlotLayer], weight
             f"{where} is sharded over a {weight.device_mesh.ndim}-D device mesh; loraswap handles a 1-D "
             "tensor-parallel mesh: leave the layer out of Capacity.target_modules or shard it over one dimension"
         )
-    style = _STYLES.get((layer_class, placements[0]))
-    if style is None:
+    known = _STYLES.get((layer_class, placements[0]))
+    if known is None or (layer_class is SlotEmbedding and (type(module) is not nn.Embedding or module.max_norm)):
         raise ShardingError(
-            f"{where}: loraswap handles ColwiseParallel/RowwiseParallel nn.Linear and ColwiseParallel nn.Embedding; "
-            "leave this layer out of Capacity.target_modules or of the parallelize plan"
+            f"{where}: loraswap handles ColwiseParallel/RowwiseParallel nn.Linear and nn.Embedding (plain, no "
+            "max_norm); leave this layer out of Capacity.target_modules or of the parallelize plan"
         )
-    parallel_style, inputs, outputs, use_local = _LAYOUTS[style]
+    style, parallel_style, (inputs, outputs, use_local) = known
     found = _hook_layouts(module, parallel_style)
     if found is None:
         raise ShardingError(
@@ -258,9 +291,11 @@ def _hook_layouts(module: nn.Module, parallel_style: type) -> tuple | None:
     output_args = partials.get(parallel_style._prepare_output_fn)
     if input_args is not None and output_args is not None:
         return (input_args[0], *output_args)
+    names = (parallel_style.__name__, "EmbeddingParallel")  # transformers' embeddings: ids and output replicated
     for style in _closure_values(module.__dict__.get("forward")):
-        if type(style).__name__ == parallel_style.__name__ and type(style).__module__.startswith("transformers."):
-            return ((style.input_layouts,), (style.output_layouts,), style.use_local_output)
+        if type(style).__name__ in names and type(style).__module__.startswith("transformers."):
+            inputs, outputs = getattr(style, "input_layouts", Replicate()), getattr(style, "output_layouts", Replicate())
+            return ((inputs,), (outputs,), style.use_local_output)
     return None
 
 
