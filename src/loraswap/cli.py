@@ -253,6 +253,7 @@ def bench_pool(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """A catalogue of adapters served through a few slots with Zipf traffic: the pool against PEFT."""
+    require_extra("peft", "bench pool")
     from .bench.pool import print_pool, run_pool
     from .bench.report import emit
 
