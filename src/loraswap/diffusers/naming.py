@@ -10,12 +10,13 @@ recompiles a compiled model.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from typing import Any, Protocol
 
 from torch import nn
 
 from ..adapter import Adapter, adapter_from_state_dict
-from ..errors import HotswapError, ModeError, SlotError
+from ..errors import HotswapError, SlotError
 from ..routing import BlendWeights
 
 CHECK_COMPILED = ("error", "warn", "ignore")
@@ -158,10 +159,12 @@ def take_over_peft_adapters(module: nn.Module, source: str) -> dict[str, Adapter
     configs = dict(getattr(module, "peft_config", {}) or {})
     adapters = {}
     for name, config in configs.items():
-        if getattr(config, "use_dora", False) or str(getattr(config, "peft_type", "LORA")) not in ("LORA", "PeftType.LORA"):
-            raise ModeError(f"{source}: adapter {name!r} is not a plain LoRA; loraswap cannot take it over")
         state_dict = get_peft_model_state_dict(module, adapter_name=name)
-        config_dict = {key: value for key, value in config.to_dict().items() if value is not None}
+        config_dict = {
+            key: value.value if isinstance(value, Enum) else value
+            for key, value in config.to_dict().items()
+            if value is not None
+        }
         adapters[name] = adapter_from_state_dict(state_dict, config_dict, source=f"{source}:{name}")
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
