@@ -30,9 +30,9 @@ from loraswap.synthetic_diffusers import (
     write_diffusers_lora,
     write_kohya_flux_lora,
     write_kohya_lora,
+    write_xlabs_flux_lora,
 )
 
-pytest.importorskip("diffusers")
 
 # Four LoRAs with different targets, ranks and alphas, text encoder included.
 SD_LORAS = {
@@ -374,6 +374,9 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     }
     files = {name: write_diffusers_lora(pipe, tmp_path / name, spec) for name, spec in specs.items()}
     files["kohya-flux"] = write_kohya_flux_lora(pipe, tmp_path / "kohya-flux.safetensors", seed=3)
+    files["xlabs"] = write_xlabs_flux_lora(pipe, tmp_path / "xlabs.safetensors", seed=4)
+    xlabs = loraswap.inspect(files["xlabs"])  # inspect reads what the load takes
+    assert (xlabs.format, xlabs.components, xlabs.unsupported) == ("xlabs", ("transformer",), ())
     references = {}
     for name, path in files.items():
         reference = copy.deepcopy(pipe)
@@ -386,7 +389,7 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     attached.transformer.compile(backend="eager")
     flux_forward(attached, inputs)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for name in ["attn", "kohya-flux", "mlp-and-te", "attn"]:
+        for name in ["attn", "kohya-flux", "mlp-and-te", "xlabs", "attn"]:
             pipeline_slots.load(files[name])
             for got, want in zip(flux_forward(attached, inputs), references[name]):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
@@ -545,3 +548,54 @@ def test_per_prompt_routing_covers_guidance_images_and_text_encoder(sd_pipe, sd_
     torch.testing.assert_close(batched[:2], per_prompt_references(0, prompts[0], "kohya-te", 0.8), atol=1e-4, rtol=0)
     with pytest.raises(loraswap.SlotError, match="3 entries but the pipeline call has 1 prompt"):
         generate(pipe, "a cat")
+
+
+@pytest.mark.parametrize("verb", ["activate", "route", "blend", "unload"])
+def test_pipeline_verbs_after_one_component_was_cast_raise_before_any_component_changes(sd_pipe, sd_files, verb):
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, [sd_files["unet-and-te"]], slots=2, cache_bytes=0)
+    pipeline_slots.load(sd_files["unet-and-te"], slot=1)
+    pipe.text_encoder.double()  # the unet, first in the components, is not cast
+    unet = pipeline_slots.components["unet"]
+    before = {name: t.clone() for name, t in unet.model.named_buffers()}
+    verbs = {
+        "activate": lambda: pipeline_slots.activate(1),
+        "route": lambda: pipeline_slots.route([1, 0]),
+        "blend": lambda: pipeline_slots.blend({1: 0.5}),
+        "unload": lambda: pipeline_slots.unload(1),
+    }
+    with pytest.raises(loraswap.LayoutChangedError, match="moved or cast"):
+        verbs[verb]()
+    assert all(torch.equal(t, before[name]) for name, t in unet.model.named_buffers())
+
+
+def test_pool_over_pipeline_slots_routes_one_lora_per_prompt(sd_pipe, sd_files, prompt_latents, per_prompt_references):
+    """AdapterPool over PipelineSlots: a row is a prompt; one LoRA (or a strength) per prompt under guidance and
+    num_images_per_prompt=2 equals diffusers' single-prompt run with that LoRA (at that scale). Four LoRAs over
+    two slots: the call between the checked ones evicts both, which come back from the host cache; no
+    recompilation after the first call."""
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, list(sd_files.values()), slots=2)
+    pool = loraswap.AdapterPool(pipeline_slots, resolve=lambda name: sd_files[name])
+    torch._dynamo.reset()
+    pipe.unet.compile(backend="eager")
+    pipe.text_encoder.compile(backend="eager")
+    prompts = ["a cat", "a dog", "a tree"]
+
+    def run(rows):
+        with pool.route(rows):
+            return generate(pipe, prompts, num_images_per_prompt=2, latents=prompt_latents)
+
+    def check(rows, batched):
+        for index, (prompt, row) in enumerate(zip(prompts, rows)):
+            lora, scale = next(iter(row.items())) if isinstance(row, dict) else (row, None)
+            expected = per_prompt_references(index, prompt, lora, scale)
+            torch.testing.assert_close(batched[2 * index : 2 * index + 2], expected, atol=1e-4, rtol=0)
+
+    first = ["unet-and-te", "kohya-te", None]
+    check(first, run(first))  # the one compilation of each component
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(["unet-only", None, "te-only"])
+        rows = [{"kohya-te": 0.5}, None, "unet-and-te"]
+        check(rows, run(rows))
+    assert pool.stats["evictions"] == 4 and pool.stats["host_hits"] >= 2, pool.stats

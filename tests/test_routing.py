@@ -9,36 +9,9 @@ import torch
 from torch import nn
 
 import loraswap
-from loraswap.synthetic import write_adapters
+from loraswap.synthetic import merged_reference, peft_multi_adapter, write_adapters
 
 MAX_BATCH = 8
-
-
-def peft_multi_adapter(base: nn.Module, paths: dict) -> nn.Module:
-    """One PEFT model holding every adapter under its own name (the reference for mixed batches)."""
-    from peft import PeftModel
-
-    names = list(paths)
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(paths[name]), adapter_name=name)
-    return model.eval()
-
-
-def merged_reference(peft_model: nn.Module, base: nn.Module, weights: dict[str, float]) -> nn.Module:
-    """The base model with ``sum_name weight * delta_name`` added to each target weight, computed by PEFT."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, module in peft_model.base_model.model.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            target = merged.get_submodule(name)
-            for adapter, weight in weights.items():
-                if adapter in module.lora_A or adapter in module.lora_embedding_A:
-                    target.weight += weight * module.get_delta_weight(adapter)
-    return merged.eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +43,10 @@ def references(peft_model, llama_base, names, tokens):
 
 @pytest.fixture(scope="module")
 def attached(llama_base, llama_adapters):
+    """Four adapters in the dense capacity (``max_blend=slots``): any blend, per-token routing."""
     model = copy.deepcopy(llama_base)
     capacity = loraswap.Capacity.for_adapters(
-        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH
+        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH, max_blend=4
     )
     slots = loraswap.attach(model, capacity)
     for slot, path in enumerate(llama_adapters.values()):
@@ -164,7 +138,8 @@ def test_blend_equals_peft_add_weighted_adapter(llama_base, llama_adapters, toke
     peft_model.add_weighted_adapter(list(chosen), list(chosen.values()), "blend", combination_type="cat")
     peft_model.set_adapter("blend")
     model = copy.deepcopy(llama_base)
-    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=2))
+    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=3, max_blend=2)
+    slots = loraswap.attach(model, capacity)  # gathered: two terms per row out of three slots
     for slot, name in enumerate(chosen):
         slots.load(llama_adapters[name], slot=slot)
     slots.blend(dict(enumerate(chosen.values())))
@@ -245,7 +220,8 @@ def packed_setup(tmp_path_factory):
     )
     peft_model = peft_multi_adapter(base, paths)
     model = copy.deepcopy(base)
-    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(paths.values(), model=model, slots=3, max_batch=32))
+    capacity = loraswap.Capacity.for_adapters(paths.values(), model=model, slots=3, max_batch=32, max_blend=3)
+    slots = loraswap.attach(model, capacity)
     for slot, path in enumerate(paths.values()):
         slots.load(path, slot=slot)
     return base, peft_model, list(paths), model, slots
@@ -284,11 +260,10 @@ def test_per_token_routing_matches_peft(packed_setup, shape):
 
 @pytest.fixture(scope="module")
 def gathered(llama_base, llama_adapters):
-    """The same four adapters with ``max_blend=1``: Linear layers gather each row's slot."""
+    """The same four adapters in the default capacity (``max_blend=1``): every layer gathers each row's slot."""
     model = copy.deepcopy(llama_base)
-    capacity = loraswap.Capacity.for_adapters(
-        llama_adapters.values(), model=model, slots=len(llama_adapters), max_batch=MAX_BATCH, max_blend=1
-    )
+    capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=4, max_batch=MAX_BATCH)
+    assert capacity.max_blend == 1
     slots = loraswap.attach(model, capacity)
     for slot, path in enumerate(llama_adapters.values()):
         slots.load(path, slot=slot)
@@ -327,3 +302,26 @@ def test_gathered_capacity_refuses_wider_blends_and_per_token_routing(gathered):
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     slots.blend({2: 0.25})
     assert torch.equal(slots.router.row_slots[:, 0], torch.full((MAX_BATCH + 1,), 2))
+
+
+def test_gathered_bf16_rows_match_peft_bf16(llama_base, llama_adapters, names, tokens):
+    """bf16 model, default capacity: each routed row against PEFT's bf16 ``adapter_names=`` batch.
+
+    Tolerance: the two differ only in bf16 rounding order, so loraswap must be as close to PEFT's bf16
+    output as PEFT's bf16 output is to its own fp32 output (and within 0.05 absolute on these logits).
+    """
+    base = copy.deepcopy(llama_base).to(torch.bfloat16)
+    peft_model = peft_multi_adapter(base, llama_adapters)
+    model = copy.deepcopy(base)
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=4))
+    for slot, path in enumerate(llama_adapters.values()):
+        slots.load(path, slot=slot)
+    ids = [3, 0, -1, 1, 2, 2, 0, 3]
+    slots.route(ids)
+    adapter_names = ["__base__" if s == -1 else names[s] for s in ids]
+    with torch.no_grad():
+        expected = peft_model(tokens, adapter_names=adapter_names).logits.float()
+        fp32 = peft_multi_adapter(llama_base, llama_adapters)(tokens, adapter_names=adapter_names).logits
+        logits = model(tokens).logits.float()
+    bf16_error = (expected - fp32).abs().max().item()
+    torch.testing.assert_close(logits, expected, atol=min(max(bf16_error, 1e-2), 0.05), rtol=0)

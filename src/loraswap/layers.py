@@ -2,11 +2,27 @@
 
 Each slot layer holds, as registered buffers that never change shape, dtype, device or storage:
 ``lora_A [slots, R, *a_tail]``, ``lora_B [slots, out, R]``, ``scale [slots]`` (float32), an optional
-``lora_bias [slots, out]``, and the routing tensors shared by all layers. Its output is
-``base(x) + sum_s w_s * scale_s * (B_s A_s x + bias_s)`` with ``w`` the row's routing weights.
-All slots go through one shrink and one expand matmul (or, with ``Capacity.max_blend`` below the
-slot count, each row gathers its own slots), so swapping, activating or routing never changes the
-graph; a zero slot or a zero weight adds exactly nothing.
+``lora_bias [slots, out]``, and the routing tensors of :class:`~loraswap.routing.Router`, shared by
+all layers. Its output is ``base(x) + sum_s w_s * scale_s * (B_s A_s x + bias_s)`` with ``w`` the
+row's routing weights; a zero slot or a zero weight adds exactly nothing.
+
+How a layer picks its kernel: once, in ``__init__`` (at ``attach``), from the router's static
+shapes, stored as the Python attribute ``gathered`` that never changes afterwards (no branch on
+values that change per batch, so routing never recompiles):
+
+- dense (``gathered`` False; the router has no term tables, i.e. ``Capacity.max_blend == slots``,
+  one slot included): every slot goes through one shrink and one expand matmul over ``S * R``
+  ranks, each slot's output weighted by ``row_weights`` (per row, or per packed token). Cost: S
+  adapters per row.
+- gathered (``gathered`` True; ``max_blend`` K below ``slots``, the default for more than one slot):
+  each row indexes its own K slots out of the buffers (``lora_A[row_slots]``: ``[B, K, R, *a_tail]``,
+  ``lora_B[row_slots]``: ``[B, K, out, R]``, weights ``row_terms``) and runs batched matmuls
+  (Linear, Conv1D), a lookup (Embedding) or a grouped convolution (convs, one group per row).
+  Cost: K adapters per row plus one small gather, however many slots are resident.
+
+A subclass for another base layer (a sharded one, say) keeps the buffers, implements
+:meth:`SlotLayer.spec`, and in ``forward`` calls ``_dense_terms``/``_expand`` or
+``_gathered_terms``/``_gathered_expand`` according to ``self.gathered``.
 
 Supported base layers mirror PEFT's LoRA: ``nn.Linear``, transformers' ``Conv1D`` (fan_in_fan_out),
 ``nn.Conv1d/2d/3d`` (groups included: ``lora_B`` is stored dense, block-diagonal per group) and
@@ -39,7 +55,7 @@ class SlotSpec:
 
 
 class SlotLayer(nn.Module):
-    """Common buffers of every slot layer; subclasses define :meth:`spec` and :meth:`lora_delta`."""
+    """Common buffers of every slot layer; subclasses define :meth:`spec` and ``forward``."""
 
     def __init__(
         self,
@@ -60,6 +76,7 @@ class SlotLayer(nn.Module):
         self.register_buffer("per_token", router.per_token, persistent=False)
         self.register_buffer("row_slots", router.row_slots, persistent=False)
         self.register_buffer("row_terms", router.row_terms, persistent=False)
+        self.gathered = router.row_slots is not None  # the kernel, fixed at attach: see the module docstring
 
     @staticmethod
     def spec(base_layer: nn.Module) -> SlotSpec:
@@ -78,7 +95,7 @@ class SlotLayer(nn.Module):
         return coefficients(self.row_weights, self.per_token, batch, positions)
 
     def _expand(self, hidden: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        """Shrunk activations ``[n, S, R]`` and ``routing [n, S]`` -> LoRA delta ``[n, out]``, bias included.
+        """Dense kernel: shrunk activations ``[n, S, R]``, ``routing [n, S]`` -> delta ``[n, out]``, bias included.
 
         With one slot, the routing weight times the scale is one scalar per row, applied to the output
         where it fuses into the residual add (PEFT's order, ``B(Ax) * scale``); with several, each
@@ -96,6 +113,35 @@ class SlotLayer(nn.Module):
             delta = delta + self._bias_delta(routing * self.scale)
         return delta
 
+    def _gathered_terms(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gathered kernel: each row's slot ids ``[batch, K]`` and weights times scales ``[batch, K]`` (float32).
+
+        Rows past ``max_batch`` read the table's spare last row, like the dense kernel.
+        """
+        row = torch.arange(batch, device=self.row_slots.device).clamp(max=self.row_slots.shape[0] - 1)
+        slot_ids = self.row_slots[row]
+        return slot_ids, self.row_terms[row] * self.scale[slot_ids]
+
+    def _gathered_expand(self, hidden: torch.Tensor, slot_ids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """Gathered kernel: shrunk activations ``[B, P, K, R]`` -> delta ``[B, P, out]`` through each row's ``lora_B``.
+
+        With one term per row the weight scales the output, as PEFT orders it; with K terms it
+        scales each term's shrunk activations and one batched matmul sums the terms.
+        """
+        batch, positions, terms, rank = hidden.shape
+        lora_B = self.lora_B[slot_ids]  # [B, K, out, R]
+        if terms == 1:
+            delta = torch.bmm(hidden.reshape(batch, positions, rank), lora_B[:, 0].transpose(1, 2))
+            delta = delta * coef.to(delta.dtype)[:, :, None]
+        else:
+            hidden = hidden * coef.to(hidden.dtype)[:, None, :, None]
+            lora_B = lora_B.permute(0, 2, 1, 3).reshape(batch, -1, terms * rank)
+            delta = torch.bmm(hidden.reshape(batch, positions, terms * rank), lora_B.transpose(1, 2))
+        if self.lora_bias is not None:
+            bias = torch.bmm(coef.to(self.lora_bias.dtype)[:, None, :], self.lora_bias[slot_ids])
+            delta = delta + bias.to(delta.dtype)
+        return delta
+
 
 class SlotLinear(SlotLayer):
     """``nn.Linear`` with LoRA slots."""
@@ -107,7 +153,7 @@ class SlotLinear(SlotLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         batch = x.shape[0] if x.dim() > 1 else 1
-        if self.row_slots is not None:
+        if self.gathered:
             delta = self._gathered_delta(x.reshape(batch, -1, x.shape[-1]).to(self.lora_A.dtype))
         else:
             flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
@@ -118,19 +164,12 @@ class SlotLinear(SlotLayer):
         return result + delta.reshape(result.shape).to(result.dtype)
 
     def _gathered_delta(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[B, T, in]`` -> ``[B, T, out]`` through each row's own ``max_blend`` slots only.
-
-        Each row gathers its slots' A and B (``[B, K, R, in]``, ``[B, K, out, R]``), so the cost is
-        K adapters' compute per row however many slots are resident.
-        """
-        index = torch.arange(rows.shape[0], device=rows.device).clamp(max=self.row_slots.shape[0] - 1)
-        slot_ids = self.row_slots[index]
-        coef = (self.row_terms[index] * self.scale[slot_ids]).to(rows.dtype)
-        hidden = torch.einsum("bti,bkri->btkr", rows, self.lora_A[slot_ids]) * coef[:, None, :, None]
-        delta = torch.einsum("btkr,bkor->bto", hidden, self.lora_B[slot_ids])
-        if self.lora_bias is not None:
-            delta = delta + torch.einsum("bk,bko->bo", coef, self.lora_bias[slot_ids]).unsqueeze(1)
-        return delta
+        """``[B, T, in]`` -> ``[B, T, out]``: one batched shrink over each row's own K slots, then the expand."""
+        batch, positions, _ = rows.shape
+        slot_ids, coef = self._gathered_terms(batch)
+        lora_A = self.lora_A[slot_ids]  # [B, K, R, in]
+        hidden = torch.bmm(rows, lora_A.reshape(batch, -1, lora_A.shape[-1]).transpose(1, 2))
+        return self._gathered_expand(hidden.reshape(batch, positions, *lora_A.shape[1:3]), slot_ids, coef)
 
 
 class SlotConv1D(SlotLinear):
@@ -151,11 +190,18 @@ class SlotEmbedding(SlotLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        slots, rank, vocab = self.lora_A.shape
-        table = self.lora_A.reshape(slots * rank, vocab).t()
-        hidden = F.embedding(x, table).reshape(-1, slots, rank)
         batch = x.shape[0] if x.dim() > 1 else 1
-        delta = self._expand(hidden, self._token_routing(batch, hidden.shape[0])).reshape(result.shape)
+        if self.gathered:
+            ids = x.reshape(batch, -1)
+            slot_ids, coef = self._gathered_terms(batch)
+            hidden = self.lora_A.permute(0, 2, 1)[slot_ids[:, None, :], ids[:, :, None]]  # [B, T, K, R]: a lookup
+            delta = self._gathered_expand(hidden, slot_ids, coef)
+        else:
+            slots, rank, vocab = self.lora_A.shape
+            table = self.lora_A.reshape(slots * rank, vocab).t()
+            hidden = F.embedding(x, table).reshape(-1, slots, rank)
+            delta = self._expand(hidden, self._token_routing(batch, hidden.shape[0]))
+        delta = delta.reshape(result.shape)
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         if isinstance(embed_scale, torch.Tensor):
             delta = delta * embed_scale.to(delta.dtype)
@@ -176,24 +222,40 @@ class SlotConv(SlotLayer):
             b_trailing=len(kernel),
         )
 
+    def _conv(self, x: torch.Tensor, kernel: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[kernel.dim() - 3]
+        return conv(x, kernel, None, self.base_layer.stride, self.base_layer.padding, 1, groups)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        x = x.to(self.lora_A.dtype)
+        delta = self._gathered_delta(x) if self.gathered else self._dense_delta(x)
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+    def _dense_delta(self, x: torch.Tensor) -> torch.Tensor:
         slots, rank = self.lora_A.shape[:2]
-        kernel = self.lora_A.reshape(slots * rank, *self.lora_A.shape[2:])
-        conv = (F.conv1d, F.conv2d, F.conv3d)[kernel.dim() - 3]
-        hidden = conv(x.to(kernel.dtype), kernel, None, self.base_layer.stride, self.base_layer.padding)
+        hidden = self._conv(x, self.lora_A.reshape(slots * rank, *self.lora_A.shape[2:]))
         batch = hidden.shape[0]
-        spatial = hidden.shape[2:]
         coef = (row_coefficients(self.row_weights, batch) * self.scale).to(hidden.dtype)
         if slots == 1:  # scale the output instead: it fuses into the residual add
             delta = torch.einsum("brp,or->bop", hidden.reshape(batch, rank, -1), self.lora_B[0]) * coef[:, :, None]
         else:
             hidden = hidden.reshape(batch, slots, rank, -1) * coef[:, :, None, None]
             delta = torch.einsum("bsrp,sor->bop", hidden, self.lora_B)
-        delta = delta.reshape(batch, -1, *spatial)
         if self.lora_bias is not None:
-            delta = delta + self._bias_delta(coef).reshape(batch, -1, *([1] * len(spatial)))
-        return result + delta.to(result.dtype)
+            delta = delta + self._bias_delta(coef)[:, :, None]
+        return delta
+
+    def _gathered_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row convolves with its own K slots' ``lora_A``: one grouped convolution, a group per row."""
+        batch, channels = x.shape[:2]
+        slot_ids, coef = self._gathered_terms(batch)
+        lora_A = self.lora_A[slot_ids]  # [B, K, R, C, *kernel]
+        terms, rank = lora_A.shape[1:3]
+        kernel = lora_A.reshape(batch * terms * rank, *lora_A.shape[3:])
+        hidden = self._conv(x.reshape(1, batch * channels, *x.shape[2:]), kernel, groups=batch)
+        hidden = hidden.reshape(batch, terms, rank, -1).permute(0, 3, 1, 2)  # [B, P, K, R]
+        return self._gathered_expand(hidden, slot_ids, coef).transpose(1, 2)
 
 
 def slot_layer_class(module: nn.Module) -> type[SlotLayer] | None:

@@ -7,10 +7,12 @@ row with one one-hot vector, ``route`` gives each row its own one-hot (or zeros 
 token positions instead of batch rows. Changing any of this is a copy into fixed tensors, so
 the compiled graph never sees a new Python value and never recompiles.
 
-When ``Capacity.max_blend`` (K) is below the slot count, the same routing is also kept as K
-terms per row: ``row_slots[max_batch + 1, K]`` (slot ids) and ``row_terms[max_batch + 1, K]``
-(their weights, 0 for unused terms). Linear layers then gather each row's own slots instead of
-computing all of them.
+When ``Capacity.max_blend`` (K, default 1) is below the slot count, the same routing is also kept
+as K terms per row: ``row_slots[max_batch + 1, K]`` (slot ids) and ``row_terms[max_batch + 1, K]``
+(their weights, 0 for unused terms). Slot layers then gather each row's own K slots instead of
+computing all of them (see :mod:`loraswap.layers`), so a row costs K adapters' compute however
+many slots are resident; a row may then mix at most K slots, and per-token routing (which would
+gather per token) needs the dense capacity ``max_blend=slots``.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ def row_coefficients(row_weights: torch.Tensor, batch: int) -> torch.Tensor:
 class Router:
     """Owns the routing tensors; every write is an in-place copy of a host-built table."""
 
-    def __init__(self, slots: int, max_batch: int, device: torch.device, max_blend: int | None = None) -> None:
+    def __init__(self, slots: int, max_batch: int, device: torch.device, max_blend: int = 1) -> None:
         self.slots = slots
         self.max_batch = max_batch
-        self.max_blend = slots if max_blend is None else max_blend
+        self.max_blend = min(max_blend, slots)
         self.rows = max_batch + 1
         self.row_weights = torch.zeros(self.rows, slots, dtype=torch.float32, device=device)
         self.per_token = torch.zeros((), dtype=torch.bool, device=device)
@@ -82,15 +84,17 @@ class Router:
         """``(slot ids, weights)`` of each row's non-zero entries, at most ``max_blend`` of them."""
         if per_token:
             raise SlotError(
-                f"per-token routing computes every slot for every token, but this capacity gathers "
-                f"{self.max_blend} slot(s) per row; attach with Capacity(max_blend={self.slots})"
+                f"per-token routing needs every slot computed for every token, but this capacity gathers "
+                f"each row's {self.max_blend} slot(s) (Capacity.max_blend={self.max_blend}); attach with "
+                f"Capacity(max_blend={self.slots}) (= slots) to route packed tokens"
             )
         used = (table != 0).sum(dim=1)
         if int(used.max()) > self.max_blend:
             row = int(used.argmax())
             raise SlotError(
                 f"row {row} mixes {int(used[row])} slots but Capacity.max_blend is {self.max_blend}; "
-                f"attach with Capacity(max_blend={int(used[row])}) or more"
+                f"attach with Capacity(max_blend={int(used[row])}) or more (each row then costs that many "
+                "adapters' compute)"
             )
         slot_ids = table.abs().topk(self.max_blend, dim=1).indices
         return slot_ids, table.gather(1, slot_ids)

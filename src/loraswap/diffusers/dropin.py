@@ -20,7 +20,7 @@ from ..capacity import Capacity
 from ..errors import CapacityError, ModeError
 from ..layers import slot_layer_class
 from .model import DEFAULT_DENOISER_TARGETS, ModelHotswap, enable_model_lora_hotswap
-from .naming import NamedAdapters, check_enable, take_over_peft_adapters
+from .naming import NamedAdapters, check_enable, in_target_rank_words, take_over_peft_adapters
 from .pipeline import PipelineSlots, attach, capacities_for
 from .reading import (
     PipelineAdapter,
@@ -63,7 +63,8 @@ class PipelineHotswap:
             source = read_pipeline_adapter(self.pipe, source, **hub_kwargs)
             self.attach(self.first_capacities([source]))
             hub_kwargs = {}
-        packed = self.slots.load(source, slot, **hub_kwargs)
+        with in_target_rank_words(self.target_rank):
+            packed = self.slots.load(source, slot, **hub_kwargs)
         self.components_of[name] = [component for component, part in packed.components.items() if part is not None]
         self.names.loaded(name, slot, hotswap)
 

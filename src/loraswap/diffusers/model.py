@@ -23,7 +23,7 @@ from ..capacity import Capacity
 from ..errors import CapacityError, ModeError
 from ..layers import slot_layer_class
 from ..swap import AdapterSlots
-from .naming import NamedAdapters, check_enable, take_over_peft_adapters
+from .naming import NamedAdapters, check_enable, in_target_rank_words, take_over_peft_adapters
 from .reading import component_adapter
 
 # Layers that diffusers and kohya trainers put LoRAs on (PEFT meaning: name suffixes).
@@ -49,7 +49,8 @@ class ModelHotswap:
         if self.slots is None:
             self.slots = attach_model(self.model, first_capacity(self.model, adapter, self.target_rank, self.names.slot_count))
             self.names.target = self.slots
-        self.slots.load(adapter, slot)
+        with in_target_rank_words(self.target_rank):
+            self.slots.load(adapter, slot)
         self.names.loaded(name, slot, hotswap)
 
 

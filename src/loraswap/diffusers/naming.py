@@ -9,17 +9,32 @@ recompiles a compiled model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Protocol
 
 from torch import nn
 
 from ..adapter import Adapter, adapter_from_state_dict
-from ..errors import HotswapError, SlotError
+from ..errors import CapacityError, HotswapError, RankOverCapacityError, SlotError
 from ..routing import BlendWeights
 
 CHECK_COMPILED = ("error", "warn", "ignore")
+
+
+@contextmanager
+def in_target_rank_words(target_rank: int) -> Iterator[None]:
+    """A load whose rank exceeds the capacity, said in the drop-in's words: ``target_rank``, which a diffusers
+    user set, not ``Capacity.max_rank``, which they never saw."""
+    try:
+        yield
+    except RankOverCapacityError as err:
+        raise CapacityError(
+            f"layer {err.layer!r}: the LoRA's rank {err.rank} exceeds the rank {err.capacity_rank} that "
+            f"enable_lora_hotswap(target_rank={target_rank}) padded it to; call enable_lora_hotswap with "
+            f"target_rank={err.rank} (or more) before loading the first LoRA and compiling"
+        ) from err
 
 
 class SlotTarget(Protocol):

@@ -121,8 +121,7 @@ class PipelineSlots:
         Returns what was written (``components[name]`` is None where the LoRA leaves a component alone)."""
         self._check_slot(slot)
         packed = self.packed(source, allow_pickle=allow_pickle, **hub_kwargs)
-        for component in self.components.values():
-            component._check_layout()
+        self._check_layouts()
         with self._all_locks():
             self._write(packed, slot)
             self._loaded[slot] = packed.source
@@ -142,6 +141,7 @@ class PipelineSlots:
     def unload(self, slot: int = 0) -> None:
         """Empty ``slot`` in every component."""
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.unload(slot)
@@ -150,6 +150,7 @@ class PipelineSlots:
     def activate(self, slot: int) -> None:
         """Every row of every component uses ``slot``."""
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.activate(slot)
@@ -163,6 +164,7 @@ class PipelineSlots:
         called directly sees row ``i`` routed to ``ids[i]``. ``per_token=True`` routes packed token
         positions of every component as given, with no per-prompt layout.
         """
+        self._check_layouts()
         if per_token:
             with self._all_locks():
                 for component in self.components.values():
@@ -178,6 +180,7 @@ class PipelineSlots:
         """Every prompt (or prompt ``i``, given a list) of the next pipeline calls uses the weighted sum of
         the given slots, in every row it produces in every component (see :meth:`route`)."""
         rows = dict(weights) if isinstance(weights, Mapping) else [dict(row) for row in weights]
+        self._check_layouts()
         with self._all_locks():
             for component in self.components.values():
                 component.blend(rows)
@@ -212,6 +215,11 @@ class PipelineSlots:
                 f"slot {slot!r} is outside the {self.slots} slot(s) allocated; use 0..{self.slots - 1} "
                 "or attach with slots= larger"
             )
+
+    def _check_layouts(self) -> None:
+        """Raise :class:`LayoutChangedError` before any component changes when one was moved or cast after attach."""
+        for component in self.components.values():
+            component._check_layout()
 
     def _all_locks(self):
         return _Locks([self.lock, *(component.lock for component in self.components.values())])
@@ -249,6 +257,7 @@ class FusedPipelineSlots(PipelineSlots):
 
     def activate(self, slot: int) -> None:
         self._check_slot(slot)
+        self._check_layouts()
         with self._all_locks():
             previous = {name: component.active for name, component in self.components.items()}
             self._in_every_component(

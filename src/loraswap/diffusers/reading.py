@@ -38,6 +38,8 @@ from ..adapter import (
 )
 from ..cache import cache_key
 from ..errors import AdapterFormatError, AdapterNotFoundError, CapacityError, HotswapError
+from ..info import component_configs, read_safetensors_header, weights_file
+from ..support import refuse_unsupported
 
 PipelineSource = Union[str, os.PathLike, Mapping[str, torch.Tensor], Adapter, "PipelineAdapter"]
 
@@ -96,6 +98,7 @@ def read_pipeline_adapter(
         return PipelineAdapter({_component_for(adapter, components): adapter}, adapter.source)
     label = _label(source)
     source, hub_kwargs = resolve_hub_id(source, hub_kwargs, allow_pickle)
+    _refuse_unsupported(source, hub_kwargs, label)
     state_dict, network_alphas, metadata = _diffusers_state_dict(pipe, source, label, allow_pickle, hub_kwargs)
     _check_prefixes(state_dict, components, label)
     adapters = {}
@@ -127,7 +130,7 @@ def component_adapter(
     alpha_by_tensor = _alphas_by_tensor(state_dict, network_alphas, source)
     try:
         peft_state_dict = _to_peft_keys(state_dict, text_encoder=is_text_encoder(module), module=module)
-    except ValueError as err:
+    except CONVERTER_ERRORS as err:
         raise AdapterFormatError(f"{source}: diffusers cannot convert these LoRA keys ({err})") from err
     if alpha_by_tensor:
         for key, tensor in list(peft_state_dict.items()):
@@ -214,6 +217,29 @@ def resolve_hub_id(
     return download_from_hub(repo_id, allow_patterns=patterns, **download), {**read, "subfolder": subfolder}
 
 
+# What diffusers' key converters raise on a layout they do not expect (asserts on Flux widths, missing keys, ...)
+CONVERTER_ERRORS = (ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError)
+
+
+def _refuse_unsupported(source, hub_kwargs: Mapping[str, Any], label: str) -> None:
+    """Refuse what diffusers' converters would drop or misname (kohya/LyCORIS ``dora_scale``, LoHa, LoKr, the BFL
+    control layout, ...) by the same keys-and-config check as ``load_adapter`` and ``inspect``, on the keys as
+    they are in the file (or state dict), before any converter sees them."""
+    if isinstance(source, Mapping):
+        refuse_unsupported(source.keys(), [], label)
+        return
+    path = Path(source).expanduser()
+    folder = path / hub_kwargs["subfolder"] if path.is_dir() and hub_kwargs.get("subfolder") else path
+    if hub_kwargs.get("weight_name") and folder.is_dir():
+        folder = folder / hub_kwargs["weight_name"]
+    try:
+        weights, _ = weights_file(folder)
+    except HotswapError:
+        return  # no single safetensors file (a pickle, several files): diffusers decides and reports
+    header = read_safetensors_header(weights)
+    refuse_unsupported(header.tensors, component_configs(None, header.metadata, weights).values(), label)
+
+
 def _diffusers_state_dict(pipe, source, label: str, allow_pickle: bool, hub_kwargs: Mapping[str, Any]):
     """``(state_dict, network_alphas, metadata)`` from the pipeline class's own ``lora_state_dict``."""
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
@@ -241,10 +267,14 @@ def _diffusers_state_dict(pipe, source, label: str, allow_pickle: bool, hub_kwar
         kwargs.setdefault("unet_config", pipe.unet.config)
     try:
         result = read(source, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+    except (OSError, RuntimeError, SafetensorError, *CONVERTER_ERRORS) as err:
         if isinstance(err, FileNotFoundError) or "does not appear to have a file" in str(err):
             raise AdapterNotFoundError(f"{label}: diffusers found no LoRA weights there ({err})") from err
-        raise AdapterFormatError(f"{label}: diffusers cannot read this LoRA ({type(err).__name__}: {err})") from err
+        raise AdapterFormatError(
+            f"{label}: diffusers' converter rejected this LoRA ({type(err).__name__}: {err}); its keys or shapes do "
+            "not fit the layout the converter expects (e.g. a kohya Flux file for a transformer of another width): "
+            "check that the LoRA was trained for this pipeline's model"
+        ) from err
     if len(result) == 3:
         state_dict, network_alphas, metadata = result
     else:
