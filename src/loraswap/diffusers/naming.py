@@ -175,11 +175,7 @@ def take_over_peft_adapters(module: nn.Module, source: str) -> dict[str, Adapter
     adapters = {}
     for name, config in configs.items():
         state_dict = get_peft_model_state_dict(module, adapter_name=name)
-        config_dict = {
-            key: value.value if isinstance(value, Enum) else value
-            for key, value in config.to_dict().items()
-            if value is not None
-        }
+        config_dict = {key: _plain(value) for key, value in config.to_dict().items() if value is not None}
         adapters[name] = adapter_from_state_dict(state_dict, config_dict, source=f"{source}:{name}")
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
@@ -189,3 +185,10 @@ def take_over_peft_adapters(module: nn.Module, source: str) -> dict[str, Adapter
         if attribute in vars(module):
             delattr(module, attribute)
     return adapters
+
+
+def _plain(value: Any) -> Any:
+    """A PEFT config value as its saved JSON holds it (enums as values, sets as sorted lists)."""
+    if isinstance(value, Enum):
+        return value.value
+    return sorted(value) if isinstance(value, (set, frozenset)) else value
