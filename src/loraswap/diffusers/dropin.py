@@ -89,6 +89,7 @@ class PipelineHotswap:
                 bias = any(a.components[name].has_bias for a in adapters if name in a.components)
                 capacities[name] = Capacity(
                     max_rank=self.target_rank, target_modules=tuple(sorted(layers)), slots=self.names.slot_count,
+                    max_blend=self.names.slot_count,
                     lora_bias=bias,
                 )  # fmt: skip
         return capacities

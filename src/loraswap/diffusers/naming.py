@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from enum import Enum
 from typing import Any, Protocol
 
 from torch import nn
 
 from ..adapter import Adapter, adapter_from_state_dict
-from ..errors import CapacityError, HotswapError, ModeError, RankOverCapacityError, SlotError
+from ..errors import CapacityError, HotswapError, RankOverCapacityError, SlotError
 from ..routing import BlendWeights
 
 CHECK_COMPILED = ("error", "warn", "ignore")
@@ -173,10 +174,8 @@ def take_over_peft_adapters(module: nn.Module, source: str) -> dict[str, Adapter
     configs = dict(getattr(module, "peft_config", {}) or {})
     adapters = {}
     for name, config in configs.items():
-        if getattr(config, "use_dora", False) or str(getattr(config, "peft_type", "LORA")) not in ("LORA", "PeftType.LORA"):
-            raise ModeError(f"{source}: adapter {name!r} is not a plain LoRA; loraswap cannot take it over")
         state_dict = get_peft_model_state_dict(module, adapter_name=name)
-        config_dict = {key: value for key, value in config.to_dict().items() if value is not None}
+        config_dict = {key: _plain(value) for key, value in config.to_dict().items() if value is not None}
         adapters[name] = adapter_from_state_dict(state_dict, config_dict, source=f"{source}:{name}")
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
@@ -186,3 +185,10 @@ def take_over_peft_adapters(module: nn.Module, source: str) -> dict[str, Adapter
         if attribute in vars(module):
             delattr(module, attribute)
     return adapters
+
+
+def _plain(value: Any) -> Any:
+    """A PEFT config value as its saved JSON holds it (enums as values, sets as sorted lists)."""
+    if isinstance(value, Enum):
+        return value.value
+    return sorted(value) if isinstance(value, (set, frozenset)) else value

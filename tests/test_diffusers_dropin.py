@@ -1,0 +1,129 @@
+"""The model-level drop-in against diffusers' own loading: a UNet2DConditionModel with LoRAs written by
+diffusers' ``save_lora_adapter``, swapped, weighted and disabled after ``torch.compile`` without recompiling,
+and the CI subset of diffusers' own hotswap tests run through ``scripts/diffusers_hotswap_suite.py``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+import loraswap.diffusers as lsd
+from loraswap.synthetic_diffusers import tiny_unet
+
+# Layers of the first LoRA (a conv among them) and others the second adds; ranks differ, the third is too big.
+MODEL_LORAS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["to_q", "conv1"]),
+    "b": dict(r=8, lora_alpha=4, target_modules=["to_v", "to_out.0", "ff.net.2"]),
+    "too-big": dict(r=16, lora_alpha=16, target_modules=["to_q"]),
+}
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model-loras")
+    files = {}
+    for seed, (name, options) in enumerate(MODEL_LORAS.items()):
+        model = tiny_unet()
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(init_lora_weights=False, **options), adapter_name=name)
+        model.save_lora_adapter(directory / name, adapter_name=name)
+        files[name] = str(directory / name / "pytorch_lora_weights.safetensors")
+    return files
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    generator = torch.Generator().manual_seed(0)
+    return dict(
+        sample=torch.randn(2, 4, 8, 8, generator=generator),
+        timestep=torch.tensor([3, 7]),
+        encoder_hidden_states=torch.randn(2, 5, 32, generator=generator),
+    )
+
+
+def forward(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+@pytest.fixture(scope="module")
+def diffusers_outputs(model_files, unet_inputs):
+    """diffusers' own eager loading: each LoRA alone, and set_adapters(["a", "b"], [0.7, 0.4])."""
+    model = tiny_unet()
+    outputs = {"base": forward(model, unet_inputs)}
+    for name in ("a", "b"):
+        model.load_lora_adapter(model_files[name], adapter_name=name, prefix=None)
+        model.set_adapters(name)
+        outputs[name] = forward(model, unet_inputs)
+    model.set_adapters(["a", "b"], [0.7, 0.4])
+    outputs["mix"] = forward(model, unet_inputs)
+    return outputs
+
+
+def test_model_level_swaps_weights_and_disable_after_compile_match_diffusers(model_files, unet_inputs, diffusers_outputs):
+    model = tiny_unet()
+    lsd.patch()
+    try:
+        model.enable_lora_hotswap(target_rank=8, slots=2)  # diffusers' own method, routed by patch()
+    finally:
+        lsd.unpatch()
+    model.load_lora_adapter(model_files["a"], adapter_name="a", prefix=None)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(forward(compiled, unet_inputs), diffusers_outputs["a"], atol=1e-4, rtol=0)
+
+    def check(expected):
+        torch.testing.assert_close(forward(compiled, unet_inputs), diffusers_outputs[expected], atol=1e-4, rtol=0)
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled.load_lora_adapter(model_files["b"], adapter_name="b", prefix=None)  # more layers than "a"
+        check("b")
+        compiled.set_adapters(["a", "b"], [0.7, 0.4])
+        check("mix")
+        assert compiled.active_adapters() == ["a", "b"]
+        compiled.disable_lora()
+        check("base")
+        compiled.enable_lora()
+        check("mix")
+        compiled.load_lora_adapter(model_files["b"], adapter_name="a", hotswap=True, prefix=None)
+        compiled.set_adapters("a")
+        check("b")
+        compiled.delete_adapters("a")
+        check("base")
+    with pytest.raises(ValueError, match="no existing adapter by that name"):
+        compiled.load_lora_adapter(model_files["a"], adapter_name="does-not-exist", hotswap=True, prefix=None)
+    with pytest.raises(ValueError, match="rank 16 exceeds"):
+        compiled.load_lora_adapter(model_files["too-big"], adapter_name="b", hotswap=True, prefix=None)
+    with pytest.raises(ValueError, match="already in use"):
+        compiled.load_lora_adapter(model_files["a"], adapter_name="b", prefix=None)
+
+
+def test_enable_after_a_diffusers_load_raises_or_takes_the_adapter_over(model_files, unet_inputs, diffusers_outputs):
+    model = tiny_unet()
+    model.load_lora_adapter(model_files["b"], adapter_name="b", prefix=None)
+    with pytest.raises(RuntimeError, match="before loading the first adapter"):
+        lsd.enable_lora_hotswap(model, target_rank=8)
+    with pytest.raises(ValueError, match="check_compiles should be one of"):
+        lsd.enable_lora_hotswap(model, target_rank=8, check_compiled="wrong-argument")
+    lsd.enable_lora_hotswap(model, target_rank=8, check_compiled="ignore")
+    assert not any(hasattr(module, "lora_A") and hasattr(module, "base_layer") and not hasattr(module, "row_weights")
+                   for module in model.modules())  # fmt: skip
+    assert model.active_adapters() == ["b"]
+    torch.testing.assert_close(forward(model, unet_inputs), diffusers_outputs["b"], atol=1e-4, rtol=0)
+
+
+def test_diffusers_own_enable_lora_hotswap_tests_pass_with_loraswap():
+    """The CI subset of diffusers' own hotswap tests, run with diffusers and with loraswap (the script's
+    whole set, compiled swaps included, is run by hand: see the README)."""
+    completed = subprocess.run(
+        [sys.executable, str(REPOSITORY / "scripts" / "diffusers_hotswap_suite.py"), "--subset", "ci"],
+        capture_output=True, text=True, check=False, cwd=REPOSITORY,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-4000:]
+    assert "passed   8" in completed.stdout, completed.stdout
