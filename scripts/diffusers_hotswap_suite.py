@@ -2,7 +2,7 @@
 
 The spec: ``LoraHotSwappingForModelTesterMixin`` with the model test classes that use it (UNet2DCondition,
 Flux, Flux2, Chroma, QwenImage, MotifVideo, NucleusMoEImage) and ``TestLoraHotSwappingForPipeline``,
-from diffusers' repository at the commit in ``--tests`` (default ``/work/shared/peer-tests/diffusers-main-58eb52c0``;
+from diffusers' repository at the commit in ``--tests`` (default ``../shared/peer-tests/diffusers-main-58eb52c0`` beside the checkout;
 the sdist ships no tests; nothing of them is copied into this repository). The tests folder is copied to a
 temporary directory and run twice in fresh pytest processes, through ``scripts/diffusers_hotswap_plugin.py``
 (lifts only the accelerator marker, serves ``hf-internal-testing/tiny-sd-pipe`` locally; with loraswap,
@@ -30,7 +30,7 @@ from pathlib import Path
 from peft_hotswap_suite import counts, read_outcomes
 
 SCRIPTS = Path(__file__).resolve().parent
-DEFAULT_TESTS = Path("/work/shared/peer-tests/diffusers-main-58eb52c0")
+DEFAULT_TESTS = Path(__file__).resolve().parents[2] / "shared" / "peer-tests" / "diffusers-main-58eb52c0"  # ../shared beside the checkout
 IMPLEMENTATIONS = ("diffusers", "loraswap")
 TEST_FILES = (
     "tests/pipelines/test_pipelines.py",
