@@ -314,6 +314,12 @@ def test_enable_lora_hotswap_names_and_blends(sd_pipe, sd_files, references, bas
     torch.testing.assert_close(generate(pipe), references["te-only"], atol=1e-4, rtol=0)
     pipe.set_adapters(["a"])
     torch.testing.assert_close(generate(pipe), references["unet-only"], atol=1e-4, rtol=0)
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])  # a blend of both slots: the drop-in's max_blend
+    reference = copy.deepcopy(sd_pipe)
+    reference.load_lora_weights(str(sd_files["unet-only"]), adapter_name="a")
+    reference.load_lora_weights(str(sd_files["te-only"]), adapter_name="b")
+    reference.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    torch.testing.assert_close(generate(pipe), generate(reference), atol=1e-4, rtol=0)
     with pytest.raises(loraswap.SlotError):
         pipe.load_lora_weights(str(sd_files["kohya-te"]), adapter_name="c")
     pipe.delete_adapters("a")

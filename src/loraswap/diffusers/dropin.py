@@ -142,7 +142,7 @@ def enable_lora_hotswap(
     taken_over = _take_over(components) if check_enable(components, check_compiled) else {}
     state = PipelineHotswap(pipe, target_rank, target_modules, slots, cache_bytes)
     if adapters is not None:
-        capacities, read = capacities_for(pipe, adapters, slots=slots, min_rank=target_rank)
+        capacities, read = capacities_for(pipe, adapters, slots=slots, min_rank=target_rank, max_blend=slots)
         state.attach(capacities)
         for source, adapter in read:
             key = source_cache_key(source, {})

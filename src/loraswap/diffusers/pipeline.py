@@ -309,10 +309,12 @@ def capacities_for(
     min_rank: int = 1,
     per_layer_rank: bool = False,
     max_batch: int | None = None,
+    max_blend: int = 1,
     allow_pickle: bool = False,
 ) -> tuple[dict[str, Capacity], list[tuple[PipelineSource, PipelineAdapter]]]:
     """Per component: the union of the adapters' targets and their largest rank (at least ``min_rank``);
-    with ``per_layer_rank=True`` each layer is sized to the largest rank any adapter gives it."""
+    with ``per_layer_rank=True`` each layer is sized to the largest rank any adapter gives it;
+    ``max_blend`` as in :class:`~loraswap.Capacity` (how many slots one prompt may mix)."""
     read = [(source, read_pipeline_adapter(pipe, source, allow_pickle=allow_pickle)) for source in adapters]
     if not read:
         raise CapacityError("loraswap.diffusers.attach needs at least one LoRA (or a Capacity)")
@@ -329,6 +331,7 @@ def capacities_for(
             max_rank=max(max(ranks.values()), min_rank),
             target_modules=tuple(sorted(ranks)),
             slots=slots,
+            max_blend=max_blend,
             lora_bias=any(part.has_bias for part in parts),
             layer_ranks={layer: max(rank, min_rank) for layer, rank in ranks.items()} if per_layer_rank else {},
             **extra,
@@ -343,6 +346,7 @@ def attach(
     *,
     mode: Literal["slots", "fused"] = "slots",
     per_layer_rank: bool = False,
+    max_blend: int = 1,
     cache_bytes: int | None = None,
     allow_pickle: bool = False,
 ) -> PipelineSlots:
@@ -353,7 +357,8 @@ def attach(
     :class:`Capacity` applied to every component it matches; or ``{component: Capacity}``.
     The adapters given are read once and kept packed in the host cache. ``per_layer_rank=True`` sizes
     each layer to the largest rank the adapters give it (less padded compute; a later LoRA of
-    higher rank there does not fit).
+    higher rank there does not fit). ``max_blend``: how many slots one prompt may mix (each prompt
+    costs that many LoRAs; ``blend``/``set_adapters`` over more raise ``SlotError``).
 
     ``mode="fused"`` merges the active LoRA into the components' weights instead (a
     :class:`FusedPipelineSlots`): no per-step cost, a merge per swap, no ``route``/``blend``.
@@ -374,7 +379,12 @@ def attach(
         capacities = dict(adapters_or_capacity)
     else:
         capacities, read = capacities_for(
-            pipe, adapters_or_capacity, slots=slots, per_layer_rank=per_layer_rank, allow_pickle=allow_pickle
+            pipe,
+            adapters_or_capacity,
+            slots=slots,
+            per_layer_rank=per_layer_rank,
+            max_blend=max_blend,
+            allow_pickle=allow_pickle,
         )
     unknown = sorted(set(capacities) - set(components))
     if unknown:
