@@ -31,6 +31,20 @@ def pytest_configure(config):
     torch.set_num_threads(2)
 
 
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer (slot buffers included), to check a failed call changed nothing."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return {name: t.detach().clone() for name, t in tensors.items()}
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
 @pytest.fixture(scope="session")
 def llama_base():
     return tiny_llama(hidden=64, layers=2, vocab=96)

@@ -95,3 +95,16 @@ def test_lora_bias_matches_peft(llama_base, llama_tokens, tmp_path):
     with torch.no_grad():
         expected = peft_reference(llama_base, path)(llama_tokens).logits
         torch.testing.assert_close(model(llama_tokens).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_mapped_read_equals_the_copied_read(llama_adapters):
+    """Slot packing reads tensors as views of the file's memory map: same layers, scalings and values."""
+    from loraswap.adapter import read_adapter
+
+    for path in llama_adapters.values():
+        copied, mapped = loraswap.load_adapter(path), read_adapter(path, mapped=True)
+        assert copied.layers.keys() == mapped.layers.keys()
+        for name, layer in copied.layers.items():
+            other = mapped.layers[name]
+            assert layer.scaling == other.scaling
+            assert torch.equal(layer.lora_A, other.lora_A) and torch.equal(layer.lora_B, other.lora_B)

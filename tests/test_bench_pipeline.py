@@ -4,12 +4,9 @@ a CI run mean nothing and are not asserted."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from loraswap.bench.pipeline import DIFFUSERS, LORASWAP_MODES, run_pipeline_bench
-
-pytest.importorskip("diffusers")
 
 
 def test_pipeline_bench_loraswap_modes_match_eager_without_recompiling():

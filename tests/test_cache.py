@@ -68,7 +68,7 @@ def no_reading(monkeypatch):
         raise AssertionError("a warm load read the adapter again")
 
     def arm():
-        monkeypatch.setattr(loraswap.swap, "load_adapter", refuse)
+        monkeypatch.setattr(loraswap.swap, "read_adapter", refuse)
 
     return arm
 
@@ -98,11 +98,16 @@ def test_lru_evicts_least_recently_used_within_the_byte_budget(base, adapters):
 
 
 def test_cache_bytes_zero_disables_the_cache(base, adapters, references, tokens):
+    """Without a cache a load reads the file straight into the slot: nothing is looked up or kept."""
     model, slots = fresh(base, cache_bytes=0)
     slots.load(adapters["c"])
     slots.load(adapters["c"])
-    assert len(slots.cache) == 0 and slots.cache.misses == 2 and slots.cache.hits == 0
+    assert len(slots.cache) == 0 and slots.cache.misses == 0 and slots.cache.hits == 0
     assert_matches(model, tokens, references["c"])
+    slots.load(adapters["c"], slot=1)
+    slots.load(adapters["b"], slot=1)  # rank 8 over rank 16: c's rows 8-15 must be zeroed
+    slots.activate(1)
+    assert_matches(model, tokens, references["b"])
 
 
 def test_negative_cache_bytes_is_refused(base):
@@ -162,14 +167,14 @@ def test_prefetch_makes_the_next_load_warm(base, adapters, references, tokens, n
 
 def test_load_during_prefetch_waits_instead_of_reading_twice(base, adapters, references, tokens, monkeypatch):
     reads = []
-    read = loraswap.swap.load_adapter
+    read = loraswap.swap.read_adapter
 
     def slow_read(*args, **kwargs):
         reads.append(threading.current_thread().name)
         time.sleep(0.2)  # keep the prefetch busy while the load arrives
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(loraswap.swap, "load_adapter", slow_read)
+    monkeypatch.setattr(loraswap.swap, "read_adapter", slow_read)
     model, slots = fresh(base)
     future = slots.prefetch(adapters["b"])
     slots.load(adapters["b"])

@@ -14,6 +14,7 @@ from test_info import UNET_LORA, tiny_unet
 
 import loraswap
 from loraswap import cli
+from loraswap.demo import DEMO_ADAPTERS, run_demo
 from loraswap.plan import capacity_dict
 from loraswap.synthetic import tiny_llama, write_peft_adapter
 
@@ -300,3 +301,58 @@ def test_python_dash_m_exits_2_on_bad_input(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "too short" in result.stderr
+
+
+def test_version_short_help_and_debug_in_the_help(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"loraswap {loraswap.__version__}"
+    for args in (["-h"], ["inspect", "-h"], ["bench", "swap", "-h"]):
+        code, out, _ = run_cli(capsys, *args)
+        assert code == 0 and "Usage" in out, args
+    code, out, _ = run_cli(capsys, "--help")
+    assert "--debug anywhere" in out and "--debug" in out.split("Options")[1]
+
+
+@pytest.mark.parametrize(
+    "args, missing, runner, extra",
+    [
+        (["bench", "pipeline"], "diffusers", "loraswap.bench.pipeline.run_pipeline_bench", "diffusers"),
+        (["bench", "swap", "--plot", "out.png"], "matplotlib", "loraswap.bench.swap.run_swap", "plot"),
+        (["demo"], "peft", "loraswap.demo.run_demo", "peft"),
+    ],
+)
+def test_a_missing_extra_prints_one_line_before_any_work(capsys, monkeypatch, args, missing, runner, extra):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the command ran before checking its extra")
+
+    monkeypatch.setattr(runner, no_work)
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError, as when not installed
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and f"needs {missing}" in err and f"pip install 'loraswap[{extra}]'" in err
+
+
+def test_demo_with_one_round_reports_no_warm_swap_and_shows_progress(capsys):
+    assert run_cli(capsys, "demo", "--rounds", "0")[0] == 2
+    with pytest.raises(ValueError, match="at least one round"):
+        run_demo(rounds=0)
+    # the eager backend: what is tested is the demo's report; inductor is exercised in test_core_llama
+    code, out, err = run_cli(capsys, "demo", "--rounds", "1", "--json", "--backend", "eager")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [row["adapter"] for row in rows] == list(DEMO_ADAPTERS)
+    assert all(row["warm_swap_median_s"] is None and row["first_load_s"] > 0 for row in rows)
+    assert all(row["recompiles"] == 0 and row["max_abs_error"] < 1e-4 for row in rows)
+    assert "compiling the model once" in err and "round 1/1" in err
+
+
+def test_inspect_lists_every_adapter_of_a_folder_and_says_why_one_fails(capsys, llama_adapters, tmp_path):
+    shutil.copytree(llama_adapters["attn-r2"], tmp_path / "attn-r2")
+    _truncated(tmp_path, llama_adapters["attn-r2"] / "adapter_model.safetensors")
+    code, out, err = run_cli(capsys, "inspect", tmp_path)
+    assert code == 1, err
+    assert "peft-dir" in out and "not readable as LoRA adapters" in out and "truncated" in out
+    code, out, _ = run_cli(capsys, "inspect", tmp_path, "--json")
+    rows = {row["source"].rsplit("/", 1)[-1]: row for row in json.loads(out)}
+    assert code == 1 and rows["attn-r2"]["format"] == "peft-dir"
+    assert "truncated" in rows["truncated.safetensors"]["error"]

@@ -30,9 +30,9 @@ from loraswap.synthetic_diffusers import (
     write_diffusers_lora,
     write_kohya_flux_lora,
     write_kohya_lora,
+    write_xlabs_flux_lora,
 )
 
-pytest.importorskip("diffusers")
 
 # Four LoRAs with different targets, ranks and alphas, text encoder included.
 SD_LORAS = {
@@ -70,16 +70,10 @@ def write(pipe, directory, name, spec):
     return write_diffusers_lora(pipe, directory / name, spec)
 
 
-def generate(pipe, prompt="a cat"):
+def generate(pipe, prompt="a cat", **kwargs):
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return pipe(
-            prompt,
-            num_inference_steps=1,
-            output_type="latent",
-            height=16,
-            width=16,
-            generator=torch.Generator().manual_seed(0),
-        ).images
+        return pipe(prompt, num_inference_steps=1, output_type="latent", height=16, width=16, **kwargs).images
 
 
 def storage_snapshot(pipeline_slots):
@@ -312,10 +306,11 @@ def test_enable_lora_hotswap_drop_in(sd_pipe, sd_files, references, base_output)
 
 def test_enable_lora_hotswap_names_and_blends(sd_pipe, sd_files, references, base_output):
     pipe = copy.deepcopy(sd_pipe)
-    pipeline_slots = lsd.enable_lora_hotswap(pipe, target_rank=8, adapters=list(sd_files.values()), slots=2)
+    hotswap = lsd.enable_lora_hotswap(pipe, target_rank=8, adapters=list(sd_files.values()), slots=2)
     pipe.load_lora_weights(str(sd_files["unet-only"]), adapter_name="a")
     pipe.load_lora_weights(str(sd_files["te-only"]), adapter_name="b")
-    assert pipeline_slots.loaded == {0: str(sd_files["unet-only"]), 1: str(sd_files["te-only"])}
+    assert pipe.get_list_adapters() == {"unet": ["a"], "text_encoder": ["b"]}
+    assert hotswap.slots.loaded == {0: str(sd_files["unet-only"]), 1: str(sd_files["te-only"])}
     torch.testing.assert_close(generate(pipe), references["te-only"], atol=1e-4, rtol=0)
     pipe.set_adapters(["a"])
     torch.testing.assert_close(generate(pipe), references["unet-only"], atol=1e-4, rtol=0)
@@ -379,6 +374,9 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     }
     files = {name: write_diffusers_lora(pipe, tmp_path / name, spec) for name, spec in specs.items()}
     files["kohya-flux"] = write_kohya_flux_lora(pipe, tmp_path / "kohya-flux.safetensors", seed=3)
+    files["xlabs"] = write_xlabs_flux_lora(pipe, tmp_path / "xlabs.safetensors", seed=4)
+    xlabs = loraswap.inspect(files["xlabs"])  # inspect reads what the load takes
+    assert (xlabs.format, xlabs.components, xlabs.unsupported) == ("xlabs", ("transformer",), ())
     references = {}
     for name, path in files.items():
         reference = copy.deepcopy(pipe)
@@ -391,7 +389,7 @@ def test_flux_diffusers_and_kohya_files_match_diffusers(flux, tmp_path, mode):
     attached.transformer.compile(backend="eager")
     flux_forward(attached, inputs)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for name in ["attn", "kohya-flux", "mlp-and-te", "attn"]:
+        for name in ["attn", "kohya-flux", "mlp-and-te", "xlabs", "attn"]:
             pipeline_slots.load(files[name])
             for got, want in zip(flux_forward(attached, inputs), references[name]):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
@@ -447,6 +445,8 @@ def test_fused_pipeline_swaps_match_diffusers_and_unload_restores_the_weights(
         pipeline_slots.route([0])
     with pytest.raises(loraswap.ModeError, match="fused mode"):
         pipeline_slots.blend({0: 1.0})
+    with pytest.raises(loraswap.ModeError, match="scale of 0.5"):
+        generate(pipe, cross_attention_kwargs={"scale": 0.5})
 
 
 def test_fused_pipeline_failed_loads_leave_the_weights_bit_identical(compiled_fused, sd_pipe, sd_files, tmp_path):
@@ -487,3 +487,115 @@ def test_fused_pipeline_activate_that_overflows_restores_every_component(sd_pipe
         "unet": 0,
         "text_encoder": 0,
     }
+
+
+PROMPT_LORAS = ["unet-and-te", "kohya-te"]  # both in the unet and the text encoder
+
+
+@pytest.fixture(scope="module")
+def prompt_latents(sd_pipe):
+    """Starting latents for 3 prompts x 2 images, so that a one-prompt run can start from its own rows."""
+    size = 16 // sd_pipe.vae_scale_factor
+    return torch.randn(6, sd_pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def per_prompt_references(sd_pipe, sd_files, prompt_latents):
+    """diffusers' ordinary loading, one prompt per run: (prompt, LoRA or None, scale) -> latents."""
+    pipes = {None: sd_pipe}
+    for name in PROMPT_LORAS:
+        pipes[name] = copy.deepcopy(sd_pipe)
+        pipes[name].load_lora_weights(str(sd_files[name]))
+
+    def reference(index, prompt, lora, scale=None):
+        options = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
+        latents = prompt_latents[2 * index : 2 * index + 2]
+        return generate(pipes[lora], [prompt], num_images_per_prompt=2, latents=latents, **options)
+
+    return reference
+
+
+def test_per_prompt_routing_covers_guidance_images_and_text_encoder(sd_pipe, sd_files, prompt_latents, per_prompt_references):
+    """One LoRA per prompt, under classifier-free guidance and num_images_per_prompt=2, compiled, each
+    prompt's latents equal to diffusers' single-prompt run with its LoRA; a per-call scale is a routing
+    weight, changed between calls without recompiling."""
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, [sd_files[name] for name in PROMPT_LORAS], slots=2)
+    for slot, name in enumerate(PROMPT_LORAS):
+        pipeline_slots.load(sd_files[name], slot)
+    torch._dynamo.reset()
+    pipe.unet.compile(backend="eager")
+    pipe.text_encoder.compile(backend="eager")
+    prompts = ["a cat", "a dog", "a tree"]
+    loras = [*PROMPT_LORAS, None]
+
+    def run(scale=None):
+        options = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
+        return generate(pipe, prompts, num_images_per_prompt=2, latents=prompt_latents, **options)
+
+    pipeline_slots.route([0, 1, -1])
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and isinstance(pipe, type(sd_pipe))
+    batched = run(scale=0.5)  # the one compilation of each component
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for scale in (0.5, None):
+            if scale is None:
+                batched = run()
+            for index, (prompt, lora) in enumerate(zip(prompts, loras)):
+                expected = per_prompt_references(index, prompt, lora, scale)
+                torch.testing.assert_close(batched[2 * index : 2 * index + 2], expected, atol=1e-4, rtol=0)
+        pipeline_slots.blend([{1: 1.0}, {}, {0: 1.0}])
+        batched = run(scale=0.8)
+    torch.testing.assert_close(batched[:2], per_prompt_references(0, prompts[0], "kohya-te", 0.8), atol=1e-4, rtol=0)
+    with pytest.raises(loraswap.SlotError, match="3 entries but the pipeline call has 1 prompt"):
+        generate(pipe, "a cat")
+
+
+@pytest.mark.parametrize("verb", ["activate", "route", "blend", "unload"])
+def test_pipeline_verbs_after_one_component_was_cast_raise_before_any_component_changes(sd_pipe, sd_files, verb):
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, [sd_files["unet-and-te"]], slots=2, cache_bytes=0)
+    pipeline_slots.load(sd_files["unet-and-te"], slot=1)
+    pipe.text_encoder.double()  # the unet, first in the components, is not cast
+    unet = pipeline_slots.components["unet"]
+    before = {name: t.clone() for name, t in unet.model.named_buffers()}
+    verbs = {
+        "activate": lambda: pipeline_slots.activate(1),
+        "route": lambda: pipeline_slots.route([1, 0]),
+        "blend": lambda: pipeline_slots.blend({1: 0.5}),
+        "unload": lambda: pipeline_slots.unload(1),
+    }
+    with pytest.raises(loraswap.LayoutChangedError, match="moved or cast"):
+        verbs[verb]()
+    assert all(torch.equal(t, before[name]) for name, t in unet.model.named_buffers())
+
+
+def test_pool_over_pipeline_slots_routes_one_lora_per_prompt(sd_pipe, sd_files, prompt_latents, per_prompt_references):
+    """AdapterPool over PipelineSlots: a row is a prompt; one LoRA (or a strength) per prompt under guidance and
+    num_images_per_prompt=2 equals diffusers' single-prompt run with that LoRA (at that scale). Four LoRAs over
+    two slots: the call between the checked ones evicts both, which come back from the host cache; no
+    recompilation after the first call."""
+    pipe = copy.deepcopy(sd_pipe)
+    pipeline_slots = lsd.attach(pipe, list(sd_files.values()), slots=2)
+    pool = loraswap.AdapterPool(pipeline_slots, resolve=lambda name: sd_files[name])
+    torch._dynamo.reset()
+    pipe.unet.compile(backend="eager")
+    pipe.text_encoder.compile(backend="eager")
+    prompts = ["a cat", "a dog", "a tree"]
+
+    def run(rows):
+        with pool.route(rows):
+            return generate(pipe, prompts, num_images_per_prompt=2, latents=prompt_latents)
+
+    def check(rows, batched):
+        for index, (prompt, row) in enumerate(zip(prompts, rows)):
+            lora, scale = next(iter(row.items())) if isinstance(row, dict) else (row, None)
+            expected = per_prompt_references(index, prompt, lora, scale)
+            torch.testing.assert_close(batched[2 * index : 2 * index + 2], expected, atol=1e-4, rtol=0)
+
+    first = ["unet-and-te", "kohya-te", None]
+    check(first, run(first))  # the one compilation of each component
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(["unet-only", None, "te-only"])
+        rows = [{"kohya-te": 0.5}, None, "unet-and-te"]
+        check(rows, run(rows))
+    assert pool.stats["evictions"] == 4 and pool.stats["host_hits"] >= 2, pool.stats

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
+from conftest import assert_unchanged, snapshot
 from loraswap.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -34,17 +35,8 @@ def served(llama_base, llama_adapters):
     return model, slots
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    return {name: t.detach().clone() for name, t in tensors.items()}
-
-
 def assert_bit_identical(model, before, tokens, logits_before):
-    after = snapshot(model)
-    assert after.keys() == before.keys()
-    for name, tensor in before.items():
-        assert torch.equal(after[name], tensor), name
+    assert_unchanged(model, before)
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, logits_before)
 
@@ -77,7 +69,7 @@ def bad_inputs(adapters, base, tmp):
     truncated = shutil.copytree(attn, tmp / "truncated")
     data = (truncated / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    cases["truncated safetensors"] = (truncated, AdapterFormatError, "not a valid safetensors file")
+    cases["truncated safetensors"] = (truncated, AdapterFormatError, "truncated")
     bad_json = shutil.copytree(attn, tmp / "bad-json")
     (bad_json / "adapter_config.json").write_text('{"r": 2, "lora_alpha": ')
     cases["invalid JSON config"] = (bad_json, AdapterFormatError, "invalid JSON")
@@ -144,3 +136,17 @@ def test_bad_slot_ids_are_refused(served, llama_adapters):
         slots.load(llama_adapters["attn-r2"], slot=2)
     with pytest.raises(SlotError):
         slots.activate(-1)
+
+
+def test_a_value_beyond_the_model_dtype_is_refused_before_any_write(llama_base, llama_adapters):
+    """An fp32 adapter value an fp16 slot cannot hold would load as inf: refused, slot untouched."""
+    model = copy.deepcopy(llama_base).half()
+    path = llama_adapters["attn-r2"]
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters([path], model=model))
+    adapter = loraswap.load_adapter(path)
+    name, layer = next(iter(adapter.layers.items()))
+    huge = dict(adapter.layers, **{name: loraswap.LayerLora(layer.lora_A * 1e7, layer.lora_B, layer.scaling)})
+    before = [weights.clone() for weights in slots.storage.weights]
+    with pytest.raises(NonFiniteError, match=rf"layer '{name}': lora_A holds .*beyond what the model's dtype holds"):
+        slots.load(loraswap.Adapter(huge, source="huge"))
+    assert all(torch.equal(old, new) for old, new in zip(before, slots.storage.weights))

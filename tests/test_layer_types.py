@@ -85,7 +85,7 @@ def test_layer_types_match_peft_compiled_without_recompiles(tmp_path, build, spe
         for name, path in paths.items():
             slots.load(path)
             torch.testing.assert_close(output(model(tokens)), references[name], atol=1e-5, rtol=0)
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend="aot_eager")  # recompiles are dynamo's; inductor: test_core_llama
         compiled(tokens)
         pointers = [t.data_ptr() for t in model.buffers()]
         with loraswap.no_recompile():

@@ -67,7 +67,7 @@ def test_per_layer_slots_match_peft_eager_compiled_without_recompiles(llama_base
             name: peft_reference(llama_base, path)(llama_tokens).logits for name, path in llama_adapters.items()
         }
         base_logits = llama_base(llama_tokens).logits
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend="aot_eager")  # recompiles are dynamo's; inductor: test_core_llama
         compiled(llama_tokens)
         with loraswap.no_recompile():
             for index, name in enumerate(list(llama_adapters) * 2):

@@ -9,36 +9,9 @@ import torch
 from torch import nn
 
 import loraswap
-from loraswap.synthetic import write_adapters
+from loraswap.synthetic import merged_reference, peft_multi_adapter, write_adapters
 
 MAX_BATCH = 8
-
-
-def peft_multi_adapter(base: nn.Module, paths: dict) -> nn.Module:
-    """One PEFT model holding every adapter under its own name (the reference for mixed batches)."""
-    from peft import PeftModel
-
-    names = list(paths)
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(paths[name]), adapter_name=name)
-    return model.eval()
-
-
-def merged_reference(peft_model: nn.Module, base: nn.Module, weights: dict[str, float]) -> nn.Module:
-    """The base model with ``sum_name weight * delta_name`` added to each target weight, computed by PEFT."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, module in peft_model.base_model.model.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            target = merged.get_submodule(name)
-            for adapter, weight in weights.items():
-                if adapter in module.lora_A or adapter in module.lora_embedding_A:
-                    target.weight += weight * module.get_delta_weight(adapter)
-    return merged.eval()
 
 
 @pytest.fixture(scope="module")

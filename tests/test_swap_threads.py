@@ -29,10 +29,16 @@ SWAPS = 24
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def parts(tmp_path_factory):
+    """The base model, a batch and the adapters every test here serves."""
     base = tiny_llama(hidden=64, layers=2, vocab=128)
     tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    paths = write_adapters(base, tmp_path_factory.mktemp("adapters"), ADAPTERS)
+    return base, tokens, write_adapters(base, tmp_path_factory.mktemp("adapters"), ADAPTERS)
+
+
+@pytest.fixture(scope="module")
+def setup(parts):
+    base, tokens, paths = parts
     model = copy.deepcopy(base)
     slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=2))
     with torch.no_grad():
@@ -109,3 +115,82 @@ def test_an_activate_halfway_through_a_forward_is_detected(setup):
     finally:
         handle.remove()
     assert adapters_matching(mixed, own) == set()
+
+
+SOAK_CYCLES = 8
+FORWARD_THREADS = 2
+
+
+def soak_script(paths: dict) -> list:
+    """The swapping thread's steps: each cycle loads the next adapter into a slot no row reads (no lock),
+    activates it, routes rows across it and the previous slot, blends the two, then unloads the third slot."""
+    steps = []
+    names = list(paths)
+    for cycle in range(SOAK_CYCLES):
+        new, previous, spare = (cycle + 1) % 3, cycle % 3, (cycle + 2) % 3
+        path = paths[names[cycle % len(names)]]
+        steps += [
+            lambda slots, new=new, path=path: slots.load(path, slot=new),
+            lambda slots, new=new: slots.activate(new),
+            lambda slots, new=new, previous=previous: slots.route([new, previous]),
+            lambda slots, new=new, previous=previous: slots.blend({new: 0.75, previous: 0.25}),
+            lambda slots, spare=spare: slots.unload(spare),
+        ]
+    return steps
+
+
+def reset(slots) -> None:
+    for slot in range(3):
+        slots.unload(slot)
+    slots.activate(0)
+
+
+def test_soak_forward_threads_against_a_thread_that_loads_activates_routes_blends_and_unloads(parts):
+    base, tokens, paths = parts
+    model = copy.deepcopy(base)
+    slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=3))
+    script = soak_script(paths)
+    references: list[torch.Tensor] = []  # the distinct outputs of every state the script passes through
+    reset(slots)
+    with torch.no_grad():
+        for step in [lambda slots: None, *script]:
+            step(slots)
+            output = model(tokens).logits
+            if not any(torch.equal(output, seen) for seen in references):
+                references.append(output)
+    assert len(references) >= 3 * len(paths), "the states must be told apart for the check to mean anything"
+
+    reset(slots)
+    outputs: list[list[torch.Tensor]] = [[] for _ in range(FORWARD_THREADS)]
+    done = threading.Event()
+
+    def serve(thread: int) -> None:
+        with torch.no_grad():
+            while not done.is_set():
+                with slots.lock:  # the documented discipline: a forward never sees a verb halfway
+                    outputs[thread].append(model(tokens).logits)
+
+    def swap() -> None:
+        try:
+            for step in script:
+                step(slots)
+                time.sleep(0.002)
+        finally:
+            done.set()
+
+    with ThreadPoolExecutor(max_workers=FORWARD_THREADS + 1) as pool:
+        servers = [pool.submit(serve, thread) for thread in range(FORWARD_THREADS)]
+        pool.submit(swap).result(timeout=60)
+        for server in servers:
+            server.result(timeout=60)
+    hits = [0] * len(references)
+    for thread, thread_outputs in enumerate(outputs):
+        for index, output in enumerate(thread_outputs):
+            matches = [ref for ref, reference in enumerate(references) if torch.equal(output, reference)]
+            assert len(matches) == 1, f"thread {thread} forward {index} matches {len(matches)} states: a half-done verb"
+            hits[matches[0]] += 1
+    print(
+        f"soak: {len(script)} verbs, {[len(o) for o in outputs]} forwards per thread, "
+        f"{sum(h > 0 for h in hits)}/{len(references)} states observed, forwards per state {hits}"
+    )
+    assert all(outputs) and sum(h > 0 for h in hits) >= 3, "the forwards never overlapped the verbs"

@@ -7,6 +7,7 @@ from .compile_guard import CompileCounter, no_recompile
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
+    AttachOrderError,
     CapacityError,
     HotswapError,
     LayoutChangedError,
@@ -15,11 +16,13 @@ from .errors import (
     PickleRefusedError,
     RecompileError,
     ShapeMismatchError,
+    ShardingError,
     SlotError,
     UnsupportedAdapterError,
 )
 from .fused import FusedSlots
 from .info import AdapterInfo, inspect
+from .serve import AdapterFolder, AdapterPool
 from .swap import AdapterSlots
 
 __version__ = "0.1.0"
@@ -36,10 +39,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "Adapter",
+    "AdapterFolder",
     "AdapterFormatError",
     "AdapterInfo",
+    "AdapterPool",
     "AdapterNotFoundError",
     "AdapterSlots",
+    "AttachOrderError",
     "Capacity",
     "CapacityError",
     "CompileCounter",
@@ -52,6 +58,7 @@ __all__ = [
     "PickleRefusedError",
     "RecompileError",
     "ShapeMismatchError",
+    "ShardingError",
     "SlotError",
     "UnsupportedAdapterError",
     "attach",

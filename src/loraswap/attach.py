@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 from torch import nn
 
 from .cache import AdapterCache, default_cache_bytes
 from .capacity import Capacity
-from .errors import CapacityError, HotswapError, ModeError
+from .compile_guard import note_replaced_layer_types
+from .errors import AttachOrderError, CapacityError, HotswapError, ModeError
 from .fused import FusedSlots, attach_fused, is_fused
 from .layers import SlotLayer, slot_layer_class
 from .layout import SlotLayout
 from .routing import Router
 from .swap import AdapterSlots
+from .tensor_parallel import ShardPlan, TensorParallelSlots, refuse_sharded
 
 
 def find_targets(model: nn.Module, capacity: Capacity) -> list[tuple[str, nn.Module, type[SlotLayer]]]:
@@ -37,12 +40,22 @@ def find_targets(model: nn.Module, capacity: Capacity) -> list[tuple[str, nn.Mod
     return targets
 
 
+def _is_compiled_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper; without dynamo imported, nothing can be one."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(model, OptimizedModule)
+
+
 def attach(
     model: nn.Module,
     capacity: Capacity,
     *,
     mode: Literal["slots", "fused"] = "slots",
     cache_bytes: int | None = None,
+    check_rows: bool = False,
 ) -> AdapterSlots | FusedSlots:
     """Give every target layer ``capacity.slots`` LoRA slots, in place; slot 0 is active and empty.
 
@@ -51,29 +64,48 @@ def attach(
 
     Call it after the model is on its device and dtype and before ``torch.compile``.
     ``cache_bytes`` bounds the host adapter cache (default: a quarter of RAM, at most 16 GiB; 0 disables it).
+    ``check_rows=True`` makes every forward whose batch has another row count than the last ``route``/``blend``
+    list gave raise :class:`~loraswap.SlotError` (see :meth:`AdapterSlots.route`); off, it costs nothing.
     """
     if mode not in ("slots", "fused"):
         raise ModeError(f"attach mode {mode!r} is not available; use mode='slots' or mode='fused'")
+    if _is_compiled_wrapper(model):
+        raise AttachOrderError(
+            "attach was given a torch.compile'd model (OptimizedModule); attach to the model first, then compile it: "
+            "slots = loraswap.attach(model, capacity); compiled = torch.compile(model)"
+        )
+    if check_rows and mode == "fused":
+        raise ModeError(
+            "check_rows=True checks the rows given to route()/blend(), which fused mode does not have; "
+            "attach with mode='slots' to route rows"
+        )
     if is_fused(model) or any(isinstance(module, SlotLayer) for module in model.modules()):
         raise HotswapError("the model already has loraswap slots; attach once per model")
     cache = AdapterCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
     if mode == "fused":
+        refuse_sharded(model, "mode='fused'")
         return attach_fused(model, capacity, cache)
     targets = find_targets(model, capacity)
+    shards = ShardPlan.detect(targets)  # empty unless target weights are DTensors (tensor parallel)
     capacity.check_layer_ranks(name for name, _, _ in targets)
     devices = {module.weight.device for _, module, _ in targets}
     if len(devices) > 1:
         raise CapacityError(
             f"the target layers span devices {sorted(map(str, devices))}; attach supports one device per model"
         )
-    layout = SlotLayout.plan(((name, module, cls.spec(module)) for name, module, cls in targets), capacity)
+    layout = SlotLayout.plan(
+        ((name, module, shards.spec(name, cls.spec(module))) for name, module, cls in targets), capacity
+    )
     storage = layout.allocate(capacity.slots)
     router = Router(capacity.slots, capacity.max_batch, devices.pop(), capacity.max_blend)
+    note_replaced_layer_types(type(module) for _, module, _ in targets)
     for name, module, layer_class in targets:
         place = layout.placements[name]
         lora_A, lora_B, scale, lora_bias = layout.views(
             storage.weights[place.group], storage.scales[place.group], name
         )
-        slot_layer = layer_class(module, lora_A, lora_B, scale, lora_bias, router)
+        slot_layer = shards.layer_class(name, layer_class)(module, lora_A, lora_B, scale, lora_bias, router)
         model.set_submodule(name, slot_layer)
-    return AdapterSlots(model, capacity, layout, storage, router, cache)
+    if shards:
+        return TensorParallelSlots(model, capacity, layout, storage, router, cache, shards=shards, check_rows=check_rows)
+    return AdapterSlots(model, capacity, layout, storage, router, cache, check_rows=check_rows)

@@ -10,7 +10,8 @@ from typing import Union
 from torch import nn
 
 from .adapter import Adapter, AdapterSource, get_pattern_key, load_adapter
-from .errors import CapacityError
+from .errors import CapacityError, PickleRefusedError
+from .info import AdapterInfo, inspect
 
 TargetModules = Union[str, Sequence[str]]
 
@@ -92,23 +93,28 @@ class Capacity:
     @classmethod
     def for_adapters(
         cls,
-        adapters: Iterable[AdapterSource],
+        adapters: Iterable[AdapterSource | AdapterInfo],
         *,
         model: nn.Module | None = None,
         slots: int = 1,
         per_layer_rank: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_blend: int = 1,
+        allow_pickle: bool = False,
     ) -> Capacity:
         """The smallest capacity that holds every given adapter: union of targets, maximum rank.
 
-        With ``per_layer_rank=True`` each layer is sized to the largest rank any adapter gives it.
-        With ``model``, every target is checked to exist in it.
+        Files are described from their safetensors headers and configs (:func:`loraswap.inspect`),
+        without reading a tensor, so planning a catalogue of thousands of adapters takes seconds;
+        an adapter the header reading cannot take as PEFT LoRA is read in full, so that it raises
+        the same error as :func:`loraswap.load_adapter`. With ``per_layer_rank=True`` each layer
+        is sized to the largest rank any adapter gives it. With ``model``, every target is checked
+        to exist in it. ``allow_pickle`` as in :func:`loraswap.load_adapter`.
         """
-        loaded = [load_adapter(adapter) for adapter in adapters]
-        if not loaded:
+        described = [_ranks_and_bias(adapter, allow_pickle) for adapter in adapters]
+        if not described:
             raise CapacityError("Capacity.for_adapters needs at least one adapter")
-        layer_ranks = union_of_ranks(loaded)
+        layer_ranks = _largest_ranks(ranks for ranks, _ in described)
         if model is not None:
             check_targets_exist(layer_ranks, model)
         return cls(
@@ -117,18 +123,43 @@ class Capacity:
             slots=slots,
             max_batch=max_batch,
             max_blend=max_blend,
-            lora_bias=any(adapter.has_bias for adapter in loaded),
+            lora_bias=any(has_bias for _, has_bias in described),
             layer_ranks=layer_ranks if per_layer_rank else {},
         )
 
 
 def union_of_ranks(adapters: Iterable[Adapter]) -> dict[str, int]:
     """Module name -> the largest rank any adapter gives that module."""
+    return _largest_ranks(_ranks_of(adapter) for adapter in adapters)
+
+
+def _largest_ranks(rank_maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
     ranks: dict[str, int] = {}
-    for adapter in adapters:
-        for name, layer in adapter.layers.items():
-            ranks[name] = max(ranks.get(name, 0), layer.rank)
+    for rank_map in rank_maps:
+        for name, rank in rank_map.items():
+            ranks[name] = max(ranks.get(name, 0), rank)
     return ranks
+
+
+def _ranks_and_bias(adapter: AdapterSource | AdapterInfo, allow_pickle: bool) -> tuple[dict[str, int], bool]:
+    """``({module name: rank}, has a LoRA bias)`` of one adapter, from its header when it is a safetensors file."""
+    if isinstance(adapter, Adapter):
+        return _ranks_of(adapter), adapter.has_bias
+    source = adapter.source if isinstance(adapter, AdapterInfo) else adapter
+    try:
+        info = adapter if isinstance(adapter, AdapterInfo) else inspect(adapter)
+    except PickleRefusedError:
+        if not allow_pickle:
+            raise
+        info = None
+    if info is not None and info.is_peft and not info.unsupported:
+        return info.layer_ranks, info.has_bias
+    loaded = load_adapter(source, allow_pickle=allow_pickle)  # raises what a load would (a refused feature, a format)
+    return _ranks_of(loaded), loaded.has_bias
+
+
+def _ranks_of(adapter: Adapter) -> dict[str, int]:
+    return {name: layer.rank for name, layer in adapter.layers.items()}
 
 
 def check_targets_exist(module_names: Iterable[str], model: nn.Module, where: str = "the model") -> None:

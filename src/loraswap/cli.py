@@ -2,32 +2,82 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
 import typer
 
+from . import __version__
 from .errors import HotswapError
 
 app = typer.Typer(
     help="Hot-swap LoRA adapters in a torch.compile'd model without recompiling. Errors on bad input print one "
     "line and exit 2; add --debug anywhere for the traceback.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 bench_app = typer.Typer(help="Benchmarks: modes timed side by side in one run, medians and ratios.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+EXTRAS = {"peft": ("peft", "transformers"), "diffusers": ("diffusers", "peft", "transformers"), "plot": ("matplotlib",)}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"loraswap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print loraswap's version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="On bad input, raise with the full traceback instead of one line (anywhere on the line)."
+    ),
+) -> None:
+    """Options before any command; ``--debug`` itself is taken off the command line by :func:`main`."""
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Exit 2 with one line naming the install command when ``extra``'s packages are missing: before any work."""
+    missing = []
+    for module in EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        print(
+            f"loraswap: error: {what} needs {', '.join(missing)}, which is not installed: "
+            f"pip install 'loraswap[{extra}]' (in a checkout: pip install -e '.[{extra}]')",
+            file=sys.stderr,
+        )
+        raise typer.Exit(2)
+
+
+def require_plot(plot: Path | None) -> None:
+    if plot is not None:
+        require_extra("plot", "--plot")
+
 
 @app.command()
 def demo(
-    rounds: int = typer.Option(5, help="How many times to cycle through the three adapters."),
+    rounds: int = typer.Option(5, min=1, help="How many times to cycle through the three adapters."),
+    backend: str = typer.Option("inductor", help="torch.compile backend."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Compile a tiny Llama once, swap three PEFT adapters through it, check against PEFT."""
+    require_extra("peft", "demo")
+    from rich.console import Console
+
     from .demo import print_demo, run_demo
 
-    rows = run_demo(rounds=rounds)
+    console = Console(stderr=True)
+    rows = run_demo(rounds=rounds, backend=backend, progress=lambda step: console.print(f"[dim]{step}[/dim]", highlight=False))
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -44,14 +94,42 @@ def inspect_command(
     layers: bool = typer.Option(False, "--layers", help="Also print every layer's rank, alpha, scaling and shapes."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Describe LoRA adapters from their safetensors headers and configs, without loading a tensor."""
+    """Describe LoRA adapters from their safetensors headers and configs, without loading a tensor.
+
+    Over several adapters, one that cannot be read gets a row saying why, and the exit code is 1.
+    """
     from .info import adapter_paths, inspect, print_infos
 
-    infos = [inspect(source) for source in _progress(adapter_paths(paths), "inspecting")]
-    if as_json:
-        print(json.dumps([info.to_dict() for info in infos], indent=2))
+    sources = adapter_paths(paths)
+    if len(sources) == 1:
+        infos, failures = [inspect(sources[0])], {}
     else:
-        print_infos(infos, show_layers=layers)
+        infos, failures = _inspect_each(sources)
+    if as_json:
+        rows = [info.to_dict() for info in infos] + [{"source": s, "error": e} for s, e in failures.items()]
+        print(json.dumps(rows, indent=2))
+    else:
+        if infos:
+            print_infos(infos, show_layers=layers)
+        if failures:
+            from .bench.report import print_table
+
+            print_table("not readable as LoRA adapters", ["adapter", "why"], list(failures.items()))
+    if failures:
+        raise typer.Exit(1)
+
+
+def _inspect_each(sources: list[str]):
+    """``(infos, {source: why})``: every adapter inspected, a failure recorded instead of ending the listing."""
+    from .info import inspect
+
+    infos, failures = [], {}
+    for source in _progress(sources, "inspecting"):
+        try:
+            infos.append(inspect(source))
+        except HotswapError as err:
+            failures[source] = " ".join(str(err).split())
+    return infos, failures
 
 
 @app.command("plan")
@@ -104,6 +182,27 @@ def _progress(items: list[str], what: str):
     return track(items, description=what, console=console, transient=True, disable=not many)
 
 
+@app.command("serve")
+def serve_command(
+    model: str = typer.Argument(..., help="A transformers causal LM or diffusers pipeline folder (or a cached hub id)."),
+    adapters: Path = typer.Option(..., "--adapters", help="Folder of adapters: PEFT folders and .safetensors files."),
+    replicas: int = typer.Option(2, min=1, help="Ray Serve replicas, each a compiled model with its adapter pool."),
+    slots: int = typer.Option(4, min=1, help="Adapters resident in each replica at once."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Rows one routed forward serves (dynamic batching)."),
+    host: str = typer.Option("127.0.0.1", help="Address the HTTP server listens on (Ray itself stays on loopback)."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    backend: str = typer.Option("inductor", help="torch.compile backend."),
+    sizes: list[str] = typer.Option(["64x64"], "--sizes", help="Image sizes a pipeline serves, each compiled at start."),
+) -> None:
+    """OpenAI-compatible multi-LoRA server on Ray Serve: /v1/models, /v1/completions, /v1/images/generations, /v1/stats."""
+    from .serve.app import serve_forever
+
+    serve_forever(
+        model, str(adapters), host=host, port=port, replicas=replicas, slots=slots, max_batch=max_batch, backend=backend,
+        sizes=sizes,
+    )
+
+
 @bench_app.command("mixed")
 def bench_mixed(
     rounds: int = typer.Option(15, help="Alternating timing rounds."),
@@ -113,6 +212,8 @@ def bench_mixed(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """Rows of one batch on different adapters in one compiled forward (4, 8, 16 slots) vs one slot, PEFT, per-group."""
+    require_extra("peft", "bench mixed")
+    require_plot(plot)
     from .bench.mixed import DTYPES, plot_mixed, print_mixed, run_mixed
     from .bench.report import emit
 
@@ -130,10 +231,36 @@ def bench_swap(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """One adapter swap: PEFT's hotswap_adapter against loraswap cold, warm, activate and the memory-copy floor."""
+    require_extra("peft", "bench swap")
+    require_plot(plot)
     from .bench.report import emit
     from .bench.swap import plot_swap, print_swap, run_swap
 
     emit(run_swap(rounds=rounds, threads=threads), as_json, print_swap, plot, plot_swap)
+
+
+@bench_app.command("pool")
+def bench_pool(
+    adapters: int = typer.Option(200, min=2, help="Adapters in the catalogue (ranks 4-64, five target sets)."),
+    batches: int = typer.Option(200, min=1, help="Timed batches per mode (after the warm-up batches)."),
+    rows: int = typer.Option(8, min=1, help="Rows per batch."),
+    tokens: int = typer.Option(32, min=1, help="Tokens per row."),
+    slots: int = typer.Option(8, min=1, help="Slots of the pool (and adapters PEFT keeps loaded)."),
+    zipf: float = typer.Option(1.1, help="Zipf exponent of the traffic over the catalogue."),
+    cache_fraction: float = typer.Option(0.25, help="Host cache size, as a fraction of the catalogue."),
+    backend: str = typer.Option("inductor", help="torch.compile backend of the compiled modes."),
+    threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """A catalogue of adapters served through a few slots with Zipf traffic: the pool against PEFT."""
+    from .bench.pool import print_pool, run_pool
+    from .bench.report import emit
+
+    result = run_pool(
+        adapters=adapters, batches=batches, rows=rows, tokens=tokens, slots=slots, zipf=zipf,
+        cache_fraction=cache_fraction, backend=backend, threads=threads,
+    )
+    emit(result, as_json, print_pool)
 
 
 @bench_app.command("forward")
@@ -146,6 +273,8 @@ def bench_forward(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """Per-forward cost of base, slots (uniform and per-layer rank), fused and PEFT's hotswap-prepared model."""
+    require_extra("peft", "bench forward")
+    require_plot(plot)
     from .bench.forward import plot_forward, print_forward, run_forward
     from .bench.report import emit
 
@@ -164,11 +293,38 @@ def bench_pipeline(
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
     """A compiled diffusion pipeline serving four LoRAs (text encoder included): eager, no swaps, diffusers hotswap, loraswap."""
+    require_extra("diffusers", "bench pipeline")
+    require_plot(plot)
     from .bench.pipeline import plot_pipeline, print_pipeline, run_pipeline_bench
     from .bench.report import emit
 
     result = run_pipeline_bench(rounds=rounds, steps=steps, channels=channels, size=size, backend=backend, threads=threads)
     emit(result, as_json, print_pipeline, plot, plot_pipeline)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    requests: int = typer.Option(200, min=1, help="Requests per engine (Zipf over the adapters), back to back."),
+    clients: int = typer.Option(8, min=1, help="Concurrent clients."),
+    adapters: int = typer.Option(30, min=1, help="Adapters in the served folder."),
+    replicas: int = typer.Option(2, min=1, help="Ray Serve replicas."),
+    slots: int = typer.Option(4, min=1, help="Adapters resident per replica (loraswap slots; PEFT adapters kept loaded)."),
+    max_tokens: int = typer.Option(16, min=1, help="New tokens per completion."),
+    hidden: int = typer.Option(256, help="Llama hidden size (the model size)."),
+    layers: int = typer.Option(4, help="Llama layers."),
+    backend: str = typer.Option("inductor", help="torch.compile backend of loraswap's replicas."),
+    time_limit: float = typer.Option(120.0, help="Seconds each engine's run may take at most."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """The server with loraswap vs with PEFT in the replicas: requests/s, p50/p99, adapter loads per request, recompiles."""
+    from .bench.report import emit
+    from .bench.serve import print_serve, run_serve_bench
+
+    result = run_serve_bench(
+        requests=requests, adapters=adapters, clients=clients, replicas=replicas, slots=slots,
+        max_tokens=max_tokens, hidden=hidden, layers=layers, backend=backend, time_limit=time_limit,
+    )
+    emit(result, as_json, print_serve)
 
 
 def main() -> None:

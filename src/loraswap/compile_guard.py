@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from .errors import RecompileError
+
+_REPLACED_LAYER_TYPES: set[str] = set()  # class names of the layers attach wrapped in slot layers, in this process
+
+
+def note_replaced_layer_types(types: Iterable[type]) -> None:
+    """Record the classes of the layers ``attach`` replaced, so a recompile they cause can be named."""
+    _REPLACED_LAYER_TYPES.update(t.__name__ for t in types)
+
+
+def _attach_after_first_call(message: str) -> bool:
+    """Whether dynamo's guard failure is a module type check on a class ``attach`` replaced with a slot layer."""
+    hinted = set(re.findall(r"___check_type_id\(.*?HINT: type (\w+)\)", message))
+    return bool(hinted & _REPLACED_LAYER_TYPES)
 
 
 def _graphs_compiled() -> int:
@@ -27,7 +41,13 @@ def no_recompile() -> Iterator[None]:
         with torch._dynamo.config.patch(error_on_recompile=True):
             yield
     except torch._dynamo.exc.RecompileError as err:
-        raise RecompileError(f"torch.compile recompiled inside loraswap.no_recompile(): {err}") from err
+        cause = ""
+        if _attach_after_first_call(str(err)):
+            cause = (
+                "loraswap.attach replaced layers of a model that had already run compiled: attach must precede the "
+                "first compiled call (attach, then torch.compile, then run the model). "
+            )
+        raise RecompileError(f"torch.compile recompiled inside loraswap.no_recompile(): {cause}{err}") from err
 
 
 class CompileCounter:

@@ -31,6 +31,16 @@ class CapacityError(HotswapError, ValueError):
     """The adapter does not fit the capacity chosen at ``attach``: a target or rank outside it."""
 
 
+class RankOverCapacityError(CapacityError):
+    """A layer's rank exceeds the rank ``attach`` padded that layer to; ``layer``, ``rank`` and ``capacity_rank`` say which."""
+
+    def __init__(self, message: str, layer: str, rank: int, capacity_rank: int) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.rank = rank
+        self.capacity_rank = capacity_rank
+
+
 class ShapeMismatchError(HotswapError, ValueError):
     """A tensor's shape or dtype does not fit the layer it targets."""
 
@@ -44,7 +54,11 @@ class SlotError(HotswapError, IndexError):
 
 
 class LayoutChangedError(HotswapError, RuntimeError):
-    """The slot buffers no longer alias their flat storage (the model was moved or cast after ``attach``)."""
+    """The slot buffers no longer alias their flat storage (the model was moved, cast or quantized after ``attach``)."""
+
+
+class AttachOrderError(HotswapError, RuntimeError):
+    """``attach`` was given a model already wrapped by ``torch.compile``: attach first, then compile."""
 
 
 class ModeError(HotswapError, RuntimeError):
@@ -53,3 +67,7 @@ class ModeError(HotswapError, RuntimeError):
 
 class RecompileError(HotswapError, RuntimeError):
     """``torch.compile`` recompiled inside :func:`loraswap.no_recompile`."""
+
+
+class ShardingError(HotswapError, ValueError):
+    """A tensor-parallel (DTensor) sharding of a target layer that loraswap cannot attach to."""

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, LayerLora, load_adapter
+from .adapter import Adapter, AdapterSource, LayerLora, read_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import CapacityError, LayoutChangedError, ModeError, NonFiniteError, SlotError
 from .layers import SlotConv1D, SlotEmbedding, slot_layer_class
-from .layout import SlotLayout, check_packed_for
+from .layout import SlotLayout, all_finite, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights
 
 _FUSED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -100,9 +100,18 @@ class FusedAdapter:
 def merge_refusal(module: nn.Module) -> str | None:
     """Why a LoRA on ``module`` cannot be merged into its weight (None when it can).
 
+    A quantized weight (torchao ``Int8Tensor``/``Float8Tensor``, optimum-quanto ``QBytes``, any tensor
+    subclass or integer storage, or a quanto layer that quantizes its weight at each forward) cannot
+    take ``W0 + scale * B @ A`` exactly: the sum would be re-quantized, or not written at all.
     PEFT's conv LoRA ``A`` is a dense conv over all input channels without the base layer's
     dilation or padding mode; a grouped, dilated or non-zero-padded base conv cannot hold that delta.
     """
+    quantized = quantized_weight(module)
+    if quantized is not None:
+        return (
+            f"its weight is quantized ({quantized}); a merged LoRA would be re-quantized (or not written), "
+            "so outputs would differ from PEFT's LoRA on the same quantized base. Slots mode is exact there"
+        )
     if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return None
     if module.groups > 1:
@@ -115,6 +124,21 @@ def merge_refusal(module: nn.Module) -> str | None:
     padded = module.padding == "same" or (not isinstance(module.padding, str) and any(module.padding))
     if module.padding_mode != "zeros" and padded:
         return f"it is a conv with padding_mode={module.padding_mode!r}, which PEFT's LoRA conv does not apply"
+    return None
+
+
+def quantized_weight(module: nn.Module) -> str | None:
+    """What quantizes ``module``'s weight (e.g. ``"torchao Int8Tensor"``), or None for a plain floating-point weight."""
+    weight = module.weight
+    weight_type = type(weight)
+    if weight_type not in (torch.Tensor, nn.Parameter):
+        package = weight_type.__module__.split(".")[0].replace("optimum", "optimum-quanto")
+        return f"{package} {weight_type.__name__}"
+    if not weight.is_floating_point():
+        return f"{weight.dtype} storage"
+    qtype = getattr(module, "weight_qtype", None)  # optimum-quanto QModuleMixin: quantized at every forward
+    if qtype is not None:
+        return f"optimum-quanto {type(module).__name__} quantizes it to {getattr(qtype, 'name', qtype)} at each forward"
     return None
 
 
@@ -248,13 +272,13 @@ class FusedSlots:
         key = cache_key(source)
         fused = self.cache.get(key)
         if fused is None:
-            adapter = load_adapter(source, allow_pickle=allow_pickle)
-            fused = self.pack(adapter)
+            fused = self.pack(read_adapter(source, allow_pickle=allow_pickle, mapped=True))
             self.cache.put(key, fused, keep_alive=source if isinstance(source, Adapter) else None)
         return fused
 
     def pack(self, adapter: Adapter) -> FusedAdapter:
         """Validate ``adapter`` and convert it to merge form (host memory; no weight is written)."""
+        check_saved_base_weights(adapter, lambda name: self.targets[name].pristine_weight, self.targets)
         self.layout.validate(adapter)
         for name, layer in adapter.layers.items():
             if layer.lora_bias is not None and self.targets[name].pristine_bias is None:
@@ -284,6 +308,7 @@ class FusedSlots:
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Merge ``source`` into the weights (into the active slot), or stage it for ``activate(slot)``."""
         self._check_slot(slot)
+        self._check_layout()  # before packing, which reads the targeted weights' dtypes
         self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
 
     def load_packed(self, fused: FusedAdapter, slot: int = 0) -> None:
@@ -371,10 +396,13 @@ class FusedSlots:
             )
 
     def _check_layout(self) -> None:
+        """Raise when a targeted layer or its weight is no longer the one attach saw (moved, cast, quantized, replaced)."""
         for name, target in self.targets.items():
-            if target.module.weight.data_ptr() != self._weight_ptrs[name]:
+            module = target.module
+            replaced = self.model.get_submodule(name) is not module or quantized_weight(module) is not None
+            if replaced or module.weight.data_ptr() != self._weight_ptrs[name]:
                 raise LayoutChangedError(
-                    f"layer {name!r}: its weight was replaced after attach (the model was moved or cast); "
+                    f"layer {name!r}: its weight was replaced after attach (the model was moved, cast or quantized); "
                     "call .to()/.half() before loraswap.attach, then attach again on a fresh model"
                 )
 
@@ -420,10 +448,7 @@ def _merge_bias(target: FusedTarget, factors: LayerFactors | None) -> None:
 
 
 def _check_finite(live: torch.Tensor, target: FusedTarget, what: str) -> None:
-    """Raise when ``live`` holds NaN or inf. A sum propagates both and costs one read (an elementwise
-    ``isfinite`` allocates a mask and is ~100x slower), so only a non-finite sum is confirmed element-wise."""
-    total = live.sum(dtype=torch.float32 if live.dtype in (torch.float16, torch.bfloat16) else live.dtype)
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(live).all()):
+    if not all_finite([live]):
         raise NonFiniteError(
             f"layer {target.name!r}: the merged {what} is not finite in {live.dtype} (the adapter overflows it); "
             "lower the adapter's alpha or attach with mode='slots'"

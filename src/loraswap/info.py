@@ -28,7 +28,6 @@ from .adapter import (
     PEFT_PREFIX,
     PICKLE_NAME,
     SAFETENSORS_NAME,
-    UNSUPPORTED_CONFIG,
     check_pairs_complete,
     layer_rank_and_alpha,
     lora_scaling,
@@ -36,6 +35,7 @@ from .adapter import (
     resolve_source,
 )
 from .errors import AdapterFormatError, AdapterNotFoundError, PickleRefusedError
+from .support import check_config_fields, find_unsupported, key_feature, names_of, refuse_unsupported
 
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -44,6 +44,7 @@ FORMAT_PEFT_DIR = "peft-dir"
 FORMAT_PEFT_FILE = "peft-safetensors"
 FORMAT_DIFFUSERS = "diffusers"
 FORMAT_KOHYA = "kohya"
+FORMAT_XLABS = "xlabs"
 
 # safetensors dtype name -> (bytes per element, torch dtype for decoding alpha scalars)
 _DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
@@ -64,6 +65,15 @@ _DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "U64": (8, None),
 }
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # what a load accepts for LoRA weights
+
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (None where torch has none loraswap reads)."""
+    return _DTYPES[name][1]
+
+
 # Key suffix -> role, per key family. Longer suffixes first where one ends another.
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "lora_A"),
@@ -71,15 +81,16 @@ _PEFT_SUFFIXES = (
     (".lora_B.bias", "lora_bias"),
     (".lora_embedding_A", "lora_A"),
     (".lora_embedding_B", "lora_B"),
-    (".lora_magnitude_vector.weight", "dora"),
-    (".lora_magnitude_vector", "dora"),
     (".base_layer.weight", "base_weight"),
 )
 _KOHYA_SUFFIXES = (
     (".lora_down.weight", "lora_A"),
     (".lora_up.weight", "lora_B"),
-    (".dora_scale", "dora"),
-    (".lora_mid.weight", "tucker"),
+)
+# XLabs Flux files: double_blocks.<i>.processor.qkv_lora1.down.weight (diffusers splits qkv into q, k, v)
+_XLABS_SUFFIXES = (
+    (".down.weight", "lora_A"),
+    (".up.weight", "lora_B"),
 )
 _LEGACY_DIFFUSERS_SUFFIXES = (
     (".lora_linear_layer.down.weight", "lora_A"),
@@ -98,17 +109,6 @@ _KOHYA_PREFIXES = {
     "lora_transformer_": "transformer",
 }
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
-# Families of other adapter types (LyCORIS and friends) that loraswap cannot hot-swap.
-_OTHER_ADAPTER_MARKERS = {
-    "hada_w1": "LoHa",
-    "lokr_w1": "LoKr",
-    "oft_blocks": "OFT",
-    "ia3_l": "IA3",
-    "vera_lambda": "VeRA",
-    "diff_b": "full bias diffs (diff_b)",
-    ".diff": "full weight diffs (.diff)",
-}
-_ROLE_FEATURES = {"dora": "DoRA (magnitude vectors)", "tucker": "LoCon/LyCORIS mid (tucker) weights"}
 
 
 @dataclass(frozen=True)
@@ -236,27 +236,42 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise AdapterFormatError(f"{path}: cannot be read ({err})") from err
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise AdapterFormatError(f"{path}: the safetensors header is not valid JSON; the file is corrupt") from err
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError(f"{path}: the safetensors __metadata__ is not an object of strings; it is corrupt")
     tensors = {key: _tensor_entry(path, key, value) for key, value in header.items()}
     data_start = 8 + header_bytes
-    declared = max((entry.end for entry in tensors.values()), default=0)
-    if data_start + declared > file_bytes:
+    declared = _check_contiguous(path, tensors)
+    if data_start + declared != file_bytes:
         raise AdapterFormatError(
-            f"{path}: the header declares {declared} bytes of tensors but only {file_bytes - data_start} follow; "
-            "the file is truncated: re-download or re-save it"
+            f"{path}: the header declares {declared} bytes of tensors but {file_bytes - data_start} follow; "
+            "the file is truncated or damaged: re-download or re-save it"
         )
     return SafetensorsHeader(path, tensors, metadata, data_start, file_bytes)
+
+
+def _check_contiguous(path: Path, tensors: Mapping[str, TensorEntry]) -> int:
+    """The data bytes the tensors cover, which must tile ``[0, end)`` without gap or overlap (as safetensors writes)."""
+    end = 0
+    for key, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != end:
+            raise AdapterFormatError(
+                f"{path}: tensor {key!r} starts at data byte {entry.begin}, expected {end}: the header's offsets "
+                "overlap or leave gaps; the file is corrupt"
+            )
+        end = entry.end
+    return end
 
 
 def _tensor_entry(path: Path, key: str, value: Any) -> TensorEntry:
     try:
         dtype, shape, (begin, end) = value["dtype"], tuple(value["shape"]), value["data_offsets"]
         itemsize = _DTYPES[dtype][0]
-        valid = all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end))
+        valid = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (*shape, begin, end))
     except (TypeError, KeyError, ValueError):
         valid = False
     if not valid or end - begin != math.prod(shape) * itemsize:
@@ -279,10 +294,12 @@ def _read_scalar(header: SafetensorsHeader, key: str) -> float:
 
 
 def detect_format(keys) -> str | None:
-    """``kohya``, ``diffusers`` or ``peft-safetensors`` from the key names, or None for no LoRA keys at all."""
+    """``kohya``, ``xlabs``, ``diffusers`` or ``peft-safetensors`` from the key names; None for no LoRA keys at all."""
     keys = list(keys)
     if any(key.startswith(tuple(_KOHYA_PREFIXES)) or key.endswith(".lora_down.weight") for key in keys):
         return FORMAT_KOHYA
+    if any(".processor." in key and key.endswith(".down.weight") for key in keys):
+        return FORMAT_XLABS
     if any(key.endswith(suffix) for key in keys for suffix, _ in _LEGACY_DIFFUSERS_SUFFIXES):
         return FORMAT_DIFFUSERS
     peft_keys = [key for key in keys if _split(key, _PEFT_SUFFIXES)[1] in ("lora_A", "lora_B")]
@@ -305,6 +322,8 @@ def _split(key: str, suffixes) -> tuple[str, str | None]:
 def _component(module: str, file_format: str) -> str | None:
     if file_format == FORMAT_KOHYA:
         return next((name for prefix, name in _KOHYA_PREFIXES.items() if module.startswith(prefix)), None)
+    if file_format == FORMAT_XLABS:
+        return "transformer"
     if file_format == FORMAT_DIFFUSERS:
         first = module.split(".", 1)[0]
         return first if first in DIFFUSERS_COMPONENTS else None
@@ -320,37 +339,31 @@ def _module_kind(module: str, file_format: str) -> str:
 
 
 def _group_keys(header: SafetensorsHeader, file_format: str) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """Module name -> {role: key}, and the features found that a hot-swap cannot take."""
+    """Module name -> {role: key}, and a note on keys that are neither LoRA tensors nor a known feature's."""
     suffixes = {
         FORMAT_KOHYA: _KOHYA_SUFFIXES + _LEGACY_DIFFUSERS_SUFFIXES,
+        FORMAT_XLABS: _XLABS_SUFFIXES,
         FORMAT_DIFFUSERS: _LEGACY_DIFFUSERS_SUFFIXES + _PEFT_SUFFIXES,
     }.get(file_format, _PEFT_SUFFIXES)
     modules: dict[str, dict[str, str]] = {}
-    unsupported: set[str] = set()
     unknown: list[str] = []
     for key in header.tensors:
+        if key_feature(key) is not None:
+            continue  # named by support.find_unsupported
         module, role = _split(key, suffixes)
         if role is None:
-            marker = next((m for m in _OTHER_ADAPTER_MARKERS if m in key), None)
-            if marker is not None:
-                unsupported.add(_OTHER_ADAPTER_MARKERS[marker])
-            else:
-                unknown.append(key)
-            continue
-        if role in _ROLE_FEATURES:
-            unsupported.add(_ROLE_FEATURES[role])
+            unknown.append(key)
         elif role != "base_weight":
             if file_format in (FORMAT_PEFT_FILE, FORMAT_PEFT_DIR) and module.startswith(PEFT_PREFIX):
                 module = module[len(PEFT_PREFIX) :]
             modules.setdefault(module, {})[role] = key
-    if unknown:
-        unsupported.add(f"{len(unknown)} key(s) that are not LoRA tensors, e.g. {unknown[0]!r}")
+    notes = [f"{len(unknown)} key(s) that are not LoRA tensors, e.g. {unknown[0]!r}"] if unknown else []
     lora_modules = {name: roles for name, roles in modules.items() if roles.keys() & {"lora_A", "lora_B"}}
     check_pairs_complete(lora_modules, str(header.path))
-    return lora_modules, sorted(unsupported)
+    return lora_modules, notes
 
 
-def _component_configs(config: Mapping[str, Any] | None, metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
+def component_configs(config: Mapping[str, Any] | None, metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
     """Component (``""`` for a whole-model PEFT file) -> its LoraConfig dict, from adapter_config.json or
     diffusers' ``lora_adapter_metadata`` header entry (flat keys like ``unet.r``)."""
     if config is not None:
@@ -408,7 +421,7 @@ def _layer_info(
     return LayerInfo(rank, alpha, scaling, lora_A.shape, lora_B.shape, bias.shape if bias is not None else None, numel)
 
 
-def _weights_file(path: Path) -> tuple[Path, Path | None]:
+def weights_file(path: Path) -> tuple[Path, Path | None]:
     """The safetensors file (and PEFT config, if any) of an adapter path."""
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -442,25 +455,26 @@ def inspect(source: str | os.PathLike, revision: str | None = None) -> AdapterIn
     """Describe the LoRA adapter at ``source`` (a PEFT directory, a ``.safetensors`` file or a hub id)
     from its safetensors header and config alone, without loading its tensors."""
     path = resolve_source(source, revision)
-    weights, config_path = _weights_file(path)
+    weights, config_path = weights_file(path)
     config = read_config(config_path) if config_path is not None else None
     header = read_safetensors_header(weights)
+    configs = component_configs(config, header.metadata, weights)
+    for options in configs.values():
+        check_config_fields(options, str(weights))
     file_format = detect_format(header.tensors)
     if file_format is None:
+        refuse_unsupported(header.tensors, configs.values(), str(weights))  # IA3, LoHa, ...: as a load says it
         raise AdapterFormatError(
             f"{weights}: no LoRA tensors found ({len(header.tensors)} tensors, none named like "
             "'*.lora_A.weight', '*.lora_down.weight' or '*.lora.down.weight'); is this a LoRA adapter?"
         )
     if file_format == FORMAT_PEFT_FILE and path.is_dir():
         file_format = FORMAT_PEFT_DIR
-    modules, unsupported = _group_keys(header, file_format)
+    modules, notes = _group_keys(header, file_format)
     if not modules:
+        refuse_unsupported(header.tensors, configs.values(), str(weights))
         raise AdapterFormatError(f"{weights}: no complete LoRA layer (lora_A with lora_B) found")
-    configs = _component_configs(config, header.metadata, weights)
-    for options in configs.values():
-        unsupported += [feature for option, feature in UNSUPPORTED_CONFIG.items() if options.get(option)]
-        if str(options.get("peft_type", "LORA")).upper() != "LORA":
-            unsupported.append(f"peft_type {options['peft_type']!r} (not LoRA)")
+    unsupported = [*names_of(find_unsupported(header.tensors, configs.values())), *notes]
     layers = {}
     for module, roles in sorted(modules.items()):
         component = _component(module, file_format)
@@ -468,18 +482,20 @@ def inspect(source: str | os.PathLike, revision: str | None = None) -> AdapterIn
         config_name = module[len(component) + 1 :] if component and file_format == FORMAT_DIFFUSERS else module
         layers[module] = _layer_info(header, module, roles, component_config, config_name)
     lora_keys = [key for roles in modules.values() for role, key in roles.items() if role != "alpha"]
+    dtypes = tuple(sorted({header.tensors[key].dtype for key in lora_keys}))
+    unsupported += [f"LoRA weights of dtype {dtype} (not floating point)" for dtype in dtypes if dtype not in FLOAT_DTYPES]
     return AdapterInfo(
         source=os.fspath(source),
         format=file_format,
         weights_file=str(weights),
         layers=layers,
-        dtypes=tuple(sorted({header.tensors[key].dtype for key in lora_keys})),
+        dtypes=dtypes,
         parameter_bytes=sum(header.tensors[key].end - header.tensors[key].begin for key in lora_keys),
         file_bytes=header.file_bytes,
         use_rslora=any(bool(options.get("use_rslora")) for options in configs.values()),
         target_modules=_target_modules(configs, layers, file_format),
         components=tuple(sorted({c for c in (_component(m, file_format) for m in layers) if c})),
-        unsupported=tuple(sorted(set(unsupported))),
+        unsupported=tuple(unsupported),
         config=configs[""] if configs.keys() == {""} else configs,
     )
 

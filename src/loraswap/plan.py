@@ -357,18 +357,7 @@ def capacity_for(
     infos = list(infos)
     if not infos:
         raise CapacityError("a capacity needs at least one adapter")
-    layer_ranks: dict[str, int] = {}
-    for info in infos:
-        for name, rank in info.layer_ranks.items():
-            layer_ranks[name] = max(layer_ranks.get(name, 0), rank)
-    return Capacity(
-        max_rank=max(layer_ranks.values()),
-        target_modules=tuple(sorted(layer_ranks)),
-        slots=slots,
-        max_batch=max_batch,
-        lora_bias=any(info.has_bias for info in infos),
-        layer_ranks=layer_ranks if per_layer_rank else {},
-    )
+    return Capacity.for_adapters(infos, slots=slots, per_layer_rank=per_layer_rank, max_batch=max_batch)
 
 
 def _fit(info: AdapterInfo, reason: str | None, useful: int = 0, waste: float | None = None) -> AdapterFit:

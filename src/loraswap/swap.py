@@ -21,12 +21,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, load_adapter
+from .adapter import Adapter, AdapterSource, read_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
-from .errors import LayoutChangedError
+from .errors import LayoutChangedError, SlotError
 from .layers import SlotLayer
-from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for
+from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights, Router
 
 
@@ -62,6 +62,8 @@ class AdapterSlots:
         storage: SlotStorage,
         router: Router,
         cache: AdapterCache,
+        *,
+        check_rows: bool = False,
     ) -> None:
         self.model = model
         self.capacity = capacity
@@ -74,6 +76,9 @@ class AdapterSlots:
         self._loaded: dict[int, str] = {}
         self._read_slots: frozenset[int] = frozenset({0})  # slots some row reads with a non-zero weight
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._routed: tuple[int, str] | None = None  # (count, "row"/"token") the last route/blend list gave
+        if check_rows:
+            model.register_forward_pre_hook(self._check_forward_rows, with_kwargs=True)
         self._sentinel = self._first_layer()
         self._sentinel_ptr = self._sentinel.lora_A.data_ptr()
         self._rows = [
@@ -99,39 +104,59 @@ class AdapterSlots:
         """The adapter in slot layout: from the cache, else read, validated, padded and cached."""
 
         def build() -> PackedAdapter:
-            return self.pack(load_adapter(source, allow_pickle=allow_pickle))
+            return self.read_packed(source, allow_pickle)
 
         keep_alive = source if isinstance(source, Adapter) else None
         return self.cache.get_or_build(cache_key(source), build, keep_alive)
 
+    def read_packed(self, source: AdapterSource, allow_pickle: bool = False) -> PackedAdapter:
+        """Read, validate and pad ``source``, bypassing the cache (tensors copied once, from the file's memory map)."""
+        return self.pack(read_adapter(source, allow_pickle=allow_pickle, mapped=True))
+
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
+        check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
         return self.layout.pack(adapter, pin_memory=self._pin)
+
+    def _base_weight(self, name: str) -> torch.Tensor:
+        """The weight of target layer ``name`` that a base weight saved beside its adapter must equal."""
+        return self.model.get_submodule(name).base_layer.weight
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation.
 
         Safe while forwards run when no row reads ``slot``; otherwise it waits for ``lock``.
+        Without a host cache (``cache_bytes=0``) on CPU, the adapter is read and validated, then
+        copied from the file's memory map straight into the slot: no padded host copy is built.
         """
         self.router.check_slot(slot)
-        self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+        if self.cache.max_bytes or self._copy_stream is not None:
+            self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+            return
+        adapter = read_adapter(source, allow_pickle=allow_pickle, mapped=True)
+        check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
+        self.layout.validate(adapter, cast=True)
+        groups = len(self.layout.groups)
+        self._write_slot(slot, adapter.source, lambda rows: self.layout.fill(adapter, rows[:groups], rows[groups:]))
 
     def load_packed(self, packed: PackedAdapter, slot: int = 0) -> None:
         """Copy an adapter that :meth:`pack` (or :meth:`packed`) prepared into ``slot``: the write half of ``load``."""
         self.router.check_slot(slot)
         check_packed_for(packed, self.layout)
+        values = (*packed.weights, *packed.scales)
+        self._write_slot(slot, packed.source, lambda rows: torch._foreach_copy_(rows, values, non_blocking=True))
+
+    def _write_slot(self, slot: int, source: str, write: Callable[[tuple[torch.Tensor, ...]], object]) -> None:
+        """``write(rows of slot)`` of a validated adapter: without ``lock`` when no row reads ``slot``."""
         self._check_layout()
         with self._write_lock:
             if slot not in self._read_slots:
-                self._copy_into(slot, packed, slot_is_read=False)
+                self._write_rows(slot, write, slot_is_read=False)
+                self._loaded[slot] = source
                 return
         with self.lock, self._write_lock:
-            self._copy_into(slot, packed, slot_is_read=slot in self._read_slots)
-
-    def _copy_into(self, slot: int, packed: PackedAdapter, slot_is_read: bool) -> None:
-        values = (*packed.weights, *packed.scales)
-        self._write_rows(slot, lambda rows: torch._foreach_copy_(rows, values, non_blocking=True), slot_is_read)
-        self._loaded[slot] = packed.source
+            self._write_rows(slot, write, slot_is_read=slot in self._read_slots)
+            self._loaded[slot] = source
 
     def _write_rows(self, slot: int, write: Callable[[tuple[torch.Tensor, ...]], object], slot_is_read: bool) -> None:
         """Run ``write(rows of slot)``; on CUDA on the side stream, which orders every slot write."""
@@ -153,7 +178,8 @@ class AdapterSlots:
         """
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraswap-prefetch")
-        return self._prefetcher.submit(self.packed, source, allow_pickle=allow_pickle)
+        # this process's cache only, never a subclass's collective (TensorParallelSlots agrees in ``packed``)
+        return self._prefetcher.submit(AdapterSlots.packed, self, source, allow_pickle=allow_pickle)
 
     def unload(self, slot: int = 0) -> None:
         """Zero ``slot``: rows routed to it get the base model's output."""
@@ -165,29 +191,63 @@ class AdapterSlots:
 
     def activate(self, slot: int) -> None:
         """Every row uses ``slot``."""
+        self._check_layout()
         with self.lock, self._write_lock:
             self.router.activate(slot)
-            self._set_read_slots(frozenset({slot}))
+            self._set_read_slots(frozenset({slot}), routed=None)
 
     def route(self, ids: Sequence[int], *, per_token: bool = False) -> None:
-        """Row ``i`` (or packed token ``i`` with ``per_token=True``) uses slot ``ids[i]``; -1 = base model only."""
+        """Row ``i`` (or packed token ``i`` with ``per_token=True``) uses slot ``ids[i]``; -1 = base model only.
+
+        Give exactly one id per row of the next forward's batch (per token: one per packed token). A row
+        past ``len(ids)`` gets the base model, and ids past the batch are ignored, so a short or long list
+        serves wrong rows silently: attach with ``check_rows=True`` and such a forward raises instead.
+        """
+        self._check_layout()
         with self.lock, self._write_lock:
             self.router.route(ids, per_token=per_token)
-            self._set_read_slots(frozenset(int(slot) for slot in ids) - {-1})
+            read = frozenset(int(slot) for slot in ids) - {-1}
+            self._set_read_slots(read, routed=(len(ids), "token" if per_token else "row"))
 
     def blend(self, weights: BlendWeights | Sequence[BlendWeights]) -> None:
-        """Every row (or row ``i``, given a list) uses the weighted sum of the given slots."""
+        """Every row (or row ``i``, given a list: one mapping per row, as in ``route``) uses a weighted sum of slots."""
+        self._check_layout()
         with self.lock, self._write_lock:
             self.router.blend(weights)
             rows = [weights] if isinstance(weights, Mapping) else weights
-            self._set_read_slots(_weighted_slots(rows))
+            self._set_read_slots(_weighted_slots(rows), routed=_list_rows(weights))
 
-    def _set_read_slots(self, read_slots: frozenset[int]) -> None:
-        """Record which slots rows now read; on CUDA, later slot writes also wait for the forwards
-        queued before this routing change, which may still read a slot that is no longer read."""
+    def _set_read_slots(self, read_slots: frozenset[int], routed: tuple[int, str] | None) -> None:
+        """Record which slots rows now read, and how many rows (None: any number) the routing was given; on CUDA,
+        later slot writes also wait for the forwards queued before this change, which may still read a slot
+        that is no longer read."""
         if self._copy_stream is not None:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
         self._read_slots = read_slots
+        self._routed = routed
+
+    @torch.compiler.disable
+    def _check_forward_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """``check_rows``: refuse a forward whose batch has another row (or token) count than the routing was given.
+
+        Runs outside the compiled graph (eagerly, before it), so the routed count is never a value dynamo guards on.
+        """
+        if self._routed is None:
+            return
+        count, unit = self._routed
+        batch = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+        if batch is None:
+            return
+        if unit == "row":
+            got = batch.shape[0] if batch.dim() > 1 else 1
+        else:
+            got = batch.numel() // (batch.shape[-1] if batch.is_floating_point() and batch.dim() > 1 else 1)
+        if got != count:
+            raise SlotError(
+                f"the forward's batch has {got} {unit}s but the last route()/blend() gave {count} (check_rows=True): "
+                f"rows past the list would get the base model and extra entries would be ignored; route one id per "
+                f"{unit} (-1 for the base model) before this forward"
+            )
 
     def _check_layout(self) -> None:
         if self._sentinel.lora_A.data_ptr() != self._sentinel_ptr:
@@ -201,6 +261,11 @@ class AdapterSlots:
             f"AdapterSlots(layers={len(self.layout.placements)}, slots={self.capacity.slots}, "
             f"slot_bytes={self.layout.slot_nbytes}, loaded={self._loaded})"
         )
+
+
+def _list_rows(weights: BlendWeights | Sequence[BlendWeights]) -> tuple[int, str] | None:
+    """How many rows a per-row blend list names (None for one mapping, which every row uses)."""
+    return None if isinstance(weights, Mapping) else (len(weights), "row")
 
 
 def _weighted_slots(rows: Iterable[BlendWeights]) -> frozenset[int]:

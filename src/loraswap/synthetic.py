@@ -36,6 +36,17 @@ def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, seed: int = 
     return LlamaForCausalLM(config).eval()
 
 
+def llama_tp_plan(layers: int) -> dict[str, Any]:
+    """The standard tensor-parallel plan for a Llama's decoder layers, for ``parallelize_module``:
+    q/k/v and gate/up colwise, o and down rowwise (embeddings and the head stay replicated)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {"self_attn.o_proj": RowwiseParallel, "mlp.down_proj": RowwiseParallel}
+    colwise = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    styles.update(dict.fromkeys(colwise, ColwiseParallel))
+    return {f"model.layers.{layer}.{name}": style() for layer in range(layers) for name, style in styles.items()}
+
+
 def write_peft_adapter(base: nn.Module, path: str | Path, seed: int = 0, **lora_config: Any) -> Path:
     """Write a PEFT LoRA adapter for ``base`` with random (non-zero) A and B to ``path``."""
     from peft import LoraConfig, get_peft_model
@@ -70,3 +81,103 @@ def peft_reference(base: nn.Module, adapter_path: str | Path) -> nn.Module:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_path)).eval()
+
+
+def peft_multi_adapter(base: nn.Module, paths: Mapping[str, str | Path]) -> nn.Module:
+    """One PEFT model holding every adapter under its own name (the reference for mixed batches)."""
+    from peft import PeftModel
+
+    names = list(paths)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(paths[name]), adapter_name=name)
+    return model.eval()
+
+
+def merged_reference(peft_model: nn.Module, base: nn.Module, weights: Mapping[str, float]) -> nn.Module:
+    """The base model with ``sum_name weight * delta_name`` added to each target weight, computed by PEFT."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            target = merged.get_submodule(name)
+            for adapter, weight in weights.items():
+                if adapter in module.lora_A or adapter in module.lora_embedding_A:
+                    target.weight += weight * module.get_delta_weight(adapter)
+    return merged.eval()
+
+
+CATALOGUE_RANKS = (4, 8, 16, 32, 64)
+CATALOGUE_TARGETS = (
+    LLAMA_PROJECTIONS,
+    ("q_proj", "v_proj"),
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ("gate_proj", "up_proj", "down_proj"),
+    ("q_proj", "v_proj", "down_proj"),
+)
+
+
+def write_catalogue(base: nn.Module, directory: str | Path, count: int, seed: int = 0) -> dict[str, Path]:
+    """``count`` PEFT LoRA adapters for ``base`` (ranks 4-64, five target sets), ``{"adapter-0000": dir, ...}``.
+
+    Each is what ``get_peft_model(...).save_pretrained`` writes (PEFT's keys, PEFT's own
+    ``LoraConfig.save_pretrained``), with random factors, but without building a PEFT model per
+    adapter: a catalogue of hundreds is written in seconds. Adapter ``i`` has rank
+    ``CATALOGUE_RANKS[i % 5]`` and targets ``CATALOGUE_TARGETS[(i // 5) % 5]``, so every 25
+    consecutive adapters cover every combination; adapter 0 targets every projection.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    generator = torch.Generator().manual_seed(seed)
+    linears = [(name, module) for name, module in base.named_modules() if isinstance(module, nn.Linear)]
+    paths = {}
+    for index in range(count):
+        rank = CATALOGUE_RANKS[index % len(CATALOGUE_RANKS)]
+        targets = CATALOGUE_TARGETS[(index // len(CATALOGUE_RANKS)) % len(CATALOGUE_TARGETS)]
+        tensors = {}
+        for name, module in linears:
+            if name.rsplit(".", 1)[-1] in targets:
+                prefix = f"base_model.model.{name}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.05
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.05
+        path = directory / f"adapter-{index:04d}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)).save_pretrained(str(path))
+        paths[path.name] = path
+    return paths
+
+
+WORDS = ("the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "warm", "up", "hello", "world")
+
+
+def tiny_tokenizer(vocab: int = 96):
+    """A word-level ``PreTrainedTokenizerFast`` built offline: special tokens, a few words, filler ``w<i>`` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = [*specials, *WORDS]
+    words += [f"w{index}" for index in range(vocab - len(words))]
+    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_llama_folder(path: str | Path, hidden: int = 64, layers: int = 2, vocab: int = 96, seed: int = 0) -> Path:
+    """``save_pretrained`` a tiny Llama with :func:`tiny_tokenizer` beside it: a model folder to serve."""
+    tokenizer = tiny_tokenizer(vocab)
+    model = tiny_llama(
+        hidden=hidden, layers=layers, vocab=vocab, seed=seed,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return Path(path)

@@ -300,3 +300,17 @@ def write_kohya_flux_lora(pipe, path: str | Path, seed: int = 0, std: float = 0.
     path = Path(path)
     save_file(tensors, str(path))
     return path
+
+
+def write_xlabs_flux_lora(pipe, path: str | Path, seed: int = 0, rank: int = 4, std: float = 0.1) -> Path:
+    """An XLabs Flux LoRA for ``tiny_flux_pipeline``'s transformer, in XLabs' own processor names: a fused image
+    ``qkv_lora1`` (diffusers splits it into to_q/to_k/to_v) and the image attention output ``proj_lora1``; no alphas."""
+    inner = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, n_out in (("qkv_lora1", 3 * inner), ("proj_lora1", inner)):
+        tensors[f"double_blocks.0.processor.{name}.down.weight"] = torch.randn(rank, inner, generator=generator) * std
+        tensors[f"double_blocks.0.processor.{name}.up.weight"] = torch.randn(n_out, rank, generator=generator) * std
+    path = Path(path)
+    save_file(tensors, str(path))
+    return path

@@ -27,7 +27,7 @@ from rich.console import Console
 from ..attach import attach
 from ..capacity import Capacity
 from ..compile_guard import CompileCounter
-from ..synthetic import tiny_llama, write_adapters
+from ..synthetic import peft_multi_adapter, tiny_llama, write_adapters
 from .report import format_seconds, plot_bars, print_table
 from .timing import alternating_medians
 
@@ -38,16 +38,6 @@ MIXED_ADAPTERS = {
     "all-r32": dict(r=32, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
 }
 ROWS, TOKENS, VOCAB = 8, 32, 1024
-
-
-def _peft_multi_adapter(base: torch.nn.Module, paths: dict[str, Path]) -> torch.nn.Module:
-    from peft import PeftModel
-
-    names = list(paths)
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(paths[name]), adapter_name=name)
-    return model.eval()
 
 
 def _new_mixes(count: int, slots: int, seed: int) -> list[list[int]]:
@@ -119,7 +109,7 @@ def _run_dtype(base, paths, tokens, rounds: int, new_mixes: int, peft_mixes: int
     names = list(MIXED_ADAPTERS)
     routed = {resident: _attached(base, paths, resident) for resident in RESIDENT_SLOTS}
     one_slot, one_slot_compiled = _attached(base, {names[0]: paths[names[0]]}, 1)
-    peft_model = _peft_multi_adapter(base, paths)
+    peft_model = peft_multi_adapter(base, paths)
     compiled_base = torch.compile(copy.deepcopy(base))
     slots4, compiled4 = routed[4]
     mix = spread_mix(4)

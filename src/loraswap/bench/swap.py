@@ -5,9 +5,11 @@ ranks 8/16/32/64 written by PEFT itself. Each mode cycles through the adapters; 
 timed in alternating rounds in one process:
 
 - PEFT: ``prepare_model_for_compiled_hotswap(target_rank=64)`` once, then ``hotswap_adapter`` per swap;
-- loraswap cold load: ``load`` with the host cache disabled (read, validate, pad, copy every time);
+- loraswap cold load: ``load`` with the host cache disabled (read from the file's memory map,
+  validate, copy straight into the slot every time);
 - loraswap warm swap: ``load`` of an adapter already in the host cache;
-- loraswap activate: switch every row to the other, pre-loaded slot;
+- loraswap activate: switch every row to the other, pre-loaded slot (timed as 100 activations per
+  sample, reported per activation);
 - floor: one ``copy_`` of the same padded bytes from host memory (what a swap cannot beat).
 
 Swap cost does not depend on compilation, so neither model is compiled here (``loraswap demo``
@@ -42,11 +44,13 @@ WARM = "loraswap warm swap"
 ACTIVATE = "loraswap activate"
 FLOOR = "floor: one copy_"
 
+ACTIVATIONS_PER_SAMPLE = 100  # one activate (~5 us) is below what one perf_counter sample after a 16 MiB copy resolves
+
 TARGETS = (
-    ("warm swap >= 10x faster than PEFT hotswap_adapter", "peft_over_warm", ">=", 10.0),
-    ("warm swap <= 2x the memory-copy floor", "warm_over_floor", "<=", 2.0),
-    ("cold load no slower than PEFT hotswap_adapter", "cold_over_peft", "<=", 1.0),
-    ("activate < 100 us", "activate_us", "<", 100.0),
+    ("warm swap >= 20x faster than PEFT hotswap_adapter", "peft_over_warm", ">=", 20.0),
+    ("warm swap <= 1.3x the memory-copy floor", "warm_over_floor", "<=", 1.3),
+    ("cold load (host cache off) <= 0.5x PEFT hotswap_adapter", "cold_over_peft", "<=", 0.5),
+    ("activate < 20 us", "activate_us", "<", 20.0),
 )
 
 
@@ -75,6 +79,7 @@ def run_swap(
             medians = alternating_medians(modes, rounds=rounds)
         finally:
             gc.enable()
+        medians[ACTIVATE] /= ACTIVATIONS_PER_SAMPLE
         max_abs_error = check()
     ratios = {
         "peft_over_warm": medians[PEFT] / medians[WARM],
@@ -125,7 +130,7 @@ def _modes(base: torch.nn.Module, paths: list[str], max_rank: int):
         ),
         COLD: cycling(cold.load, paths),
         WARM: cycling(warm.load, paths),
-        ACTIVATE: cycling(warm.activate, [1, 0]),
+        ACTIVATE: lambda: [warm.activate(slot) for slot in (1, 0) * (ACTIVATIONS_PER_SAMPLE // 2)],
         FLOOR: cycling(lambda entry: floor_destination.copy_(entry.weights[0]), packed[2:] + packed[:2]),
     }
 

@@ -1,0 +1,231 @@
+"""``loraswap serve`` on a local Ray instance: two replicas of a tiny Llama with 5 adapters, checked against PEFT,
+and one replica of a tiny SD pipeline with 3 LoRA files, checked against diffusers.
+
+One Ray instance for the module (starting Ray costs tens of seconds on 2 cores), stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+from loraswap.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_peft_adapter
+from loraswap.serve.ray_local import start_local_ray, stop_ray
+from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
+
+ADAPTERS = {
+    f"task-{index}": dict(r=2 + 2 * index, lora_alpha=128, target_modules=targets)
+    for index, targets in enumerate(
+        [["q_proj", "v_proj"], ["gate_proj", "down_proj"], ["o_proj", "up_proj"], ["k_proj", "v_proj"], ["q_proj", "down_proj"]]
+    )
+}
+PROMPTS = ["the cat sat on", "hello world", "a dog ran under the tree", "w5 w6", "the mat", "up", "warm tree w9", "cat"]
+NEW_TOKENS = 6
+REPLICAS = 2
+
+
+@pytest.fixture(scope="module")
+def llama_served(tmp_path_factory):
+    """A tiny Llama folder (tokenizer saved with it) and its adapter folder: 5 adapters and one DoRA one."""
+    root = tmp_path_factory.mktemp("serve-llama")
+    folder = tiny_llama_folder(root / "tiny-llama")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    adapters = write_adapters(base, root / "adapters", ADAPTERS)
+    write_peft_adapter(base, root / "adapters" / "dora", r=4, target_modules=["q_proj"], use_dora=True)
+    return folder, root / "adapters", base, adapters
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    start_local_ray()
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_ray()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def text_url(ray_instance, llama_served):
+    from ray import serve
+
+    from loraswap.serve import build_app
+
+    folder, adapter_dir, _, _ = llama_served
+    app = build_app(folder, adapter_dir, replicas=REPLICAS, slots=3, max_batch=8, backend="eager")
+    serve.run(app, name="text", route_prefix="/text")
+    return f"{ray_instance}/text"
+
+
+def _post(url: str, body: dict) -> httpx.Response:
+    return httpx.post(url, json=body, timeout=120)
+
+
+def _peft_greedy(base, adapter_path, prompt: str, tokenizer) -> str:
+    model = base if adapter_path is None else peft_reference(base, adapter_path)
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :].tolist(), skip_special_tokens=True)
+
+
+def test_completions_equal_peft_greedy_for_every_adapter_and_the_base(text_url, llama_served):
+    from transformers import AutoTokenizer
+
+    folder, _, base, adapters = llama_served
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    models = [folder.name, *ADAPTERS, "task-0", folder.name]  # 8 requests in flight at once
+    bodies = [
+        {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0} for model, prompt in zip(models, PROMPTS)
+    ]
+    expected = [_peft_greedy(base, adapters.get(body["model"]), body["prompt"], tokenizer) for body in bodies]
+    for _ in range(2):  # the second round finds adapters resident (or evicted) where the first left them
+        with ThreadPoolExecutor(len(bodies)) as clients:
+            responses = list(clients.map(lambda body: _post(f"{text_url}/v1/completions", body), bodies))
+        for body, response, text in zip(bodies, responses, expected):
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == text, body
+    for body, text in zip(bodies, expected):  # guards against adapters too weak to change a greedy token
+        if body["model"] != folder.name:
+            assert text != _peft_greedy(base, None, body["prompt"], tokenizer), body
+
+
+def test_models_lists_the_base_then_every_adapter(text_url, llama_served):
+    folder = llama_served[0]
+    listed = httpx.get(f"{text_url}/v1/models", timeout=30).json()
+    assert listed["object"] == "list"
+    assert [entry["id"] for entry in listed["data"]] == [folder.name, *sorted([*ADAPTERS, "dora"])]
+    assert {entry["parent"] for entry in listed["data"][1:]} == {folder.name}
+
+
+def test_stats_every_replica_no_recompile_after_warm_up(text_url, llama_served):
+    _post(f"{text_url}/v1/completions", {"model": "task-1", "prompt": "the cat", "max_tokens": 2, "temperature": 0})
+    replicas = httpx.get(f"{text_url}/v1/stats", timeout=30).json()["replicas"]
+    assert len(replicas) == REPLICAS
+    for replica in replicas:
+        assert set(replica) == {"replica", "recompiles", "slot_loads", "host_hits", "requests"}
+        assert replica["recompiles"] == 0
+    assert sum(replica["requests"] for replica in replicas) >= 1
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "no-such-adapter", "prompt": "the cat"}, 404, "model"),
+        ({"model": "dora", "prompt": "the cat"}, 400, "model"),  # refused at start: DoRA is not served
+        ({"model": "task-0", "prompt": "the cat", "max_tokens": -1}, 400, "max_tokens"),
+        ({"prompt": "the cat"}, 400, "model"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(text_url, body, status, param):
+    response = _post(f"{text_url}/v1/completions", body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+    after = _post(f"{text_url}/v1/completions", {"model": "task-2", "prompt": "the cat", "max_tokens": 2, "temperature": 0})
+    assert after.status_code == 200 and len(after.json()["choices"]) == 1
+
+
+def test_nothing_listens_beyond_loopback(text_url):
+    """Every listening TCP socket of this process and its descendants (Ray, the proxy, replicas) is on loopback."""
+    ours = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    checked = []
+    for line in listening:
+        pids = {int(part.split("=")[1]) for part in line.replace(",", " ").split() if part.startswith("pid=")}
+        if pids & ours:
+            local = line.split()[3]
+            checked.append(local)
+            assert local.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"), line
+    assert len(checked) >= 2 * REPLICAS, checked  # the test saw the replicas' sockets, not an empty list
+
+
+IMAGE_LORAS = {
+    "style-a": LoraSpec(targets={"unet": ["to_v", "to_out.0"]}, rank=8, alpha=4, seed=1),
+    "style-b": LoraSpec(targets={"unet": ["to_k"], "text_encoder": ["k_proj", "fc2"]}, rank=2, alpha=3, seed=2),
+    "style-c": LoraSpec(targets={"text_encoder": ["v_proj", "fc1"]}, rank=6, alpha=6, seed=4),
+}
+IMAGE_SETTINGS = {"size": "32x32", "num_inference_steps": 2, "guidance_scale": 7.5}
+
+
+@pytest.fixture(scope="module")
+def sd_served(tmp_path_factory):
+    """A tiny SD pipeline folder and a folder of 3 LoRA files (diffusers format) named by file."""
+    root = tmp_path_factory.mktemp("serve-sd")
+    tiny_sd_pipeline().save_pretrained(root / "tiny-sd")
+    pipe = tiny_sd_pipeline()
+    (root / "loras").mkdir()
+    for name, spec in IMAGE_LORAS.items():
+        written = write_diffusers_lora(pipe, root / "written" / name, spec)
+        shutil.move(written, root / "loras" / f"{name}.safetensors")
+    return root / "tiny-sd", root / "loras"
+
+
+@pytest.fixture(scope="module")
+def images_url(ray_instance, sd_served):
+    from ray import serve
+
+    from loraswap.serve import build_app
+
+    serve.run(build_app(*sd_served, replicas=1, slots=2, backend="eager", sizes=["32x32"]), name="images", route_prefix="/images")
+    return f"{ray_instance}/images"
+
+
+def _diffusers_image(folder, lora_file, prompt: str, seed: int) -> np.ndarray:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_file is not None:
+        pipe.load_lora_weights(lora_file)
+    image = pipe(
+        prompt, height=32, width=32, num_inference_steps=2, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed)
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_images_equal_diffusers_with_load_lora_weights(images_url, sd_served):
+    """Concurrent requests on different LoRAs (per-prompt routing in one call) equal diffusers' own pipeline."""
+    folder, loras = sd_served
+    bodies = [
+        {"model": model, "prompt": prompt, "seed": seed, "response_format": "b64_json", **IMAGE_SETTINGS}
+        for model, prompt, seed in [("style-a", "a cat", 3), (folder.name, "a dog", 4), ("style-c", "a tree", 5), ("style-b", "a cat", 6)]
+    ]
+    with ThreadPoolExecutor(len(bodies)) as clients:
+        responses = list(clients.map(lambda body: _post(f"{images_url}/v1/images/generations", body), bodies))
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))), dtype=np.int16)
+        lora = None if body["model"] == folder.name else loras / f"{body['model']}.safetensors"
+        expected = _diffusers_image(folder, lora, body["prompt"], body["seed"])
+        assert np.abs(served - expected).max() <= 1, body["model"]
+        if lora is not None:  # guards against a LoRA too weak to change the image
+            assert np.abs(_diffusers_image(folder, None, body["prompt"], body["seed"]) - expected).max() > 4
+    stats = httpx.get(f"{images_url}/v1/stats", timeout=30).json()["replicas"]
+    assert [replica["recompiles"] for replica in stats] == [0]
+    unserved = _post(f"{images_url}/v1/images/generations", {"model": "style-a", "prompt": "a cat", "size": "48x48"})
+    assert unserved.status_code == 400 and "48x48" in unserved.json()["error"]["message"]
