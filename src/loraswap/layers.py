@@ -21,7 +21,7 @@ values that change per batch, so routing never recompiles):
   Cost: K adapters per row plus one small gather, however many slots are resident.
 
 A subclass for another base layer (a sharded one, say) keeps the buffers, implements
-:meth:`SlotLayer.spec`, and in ``forward`` calls ``_dense_terms``/``_expand`` or
+:meth:`SlotLayer.spec`, and in ``forward`` calls ``_token_routing``/``_expand`` or
 ``_gathered_terms``/``_gathered_expand`` according to ``self.gathered``.
 
 Supported base layers mirror PEFT's LoRA: ``nn.Linear``, transformers' ``Conv1D`` (fan_in_fan_out),

@@ -244,7 +244,7 @@ def batched_prompts(
     ids = list(range(len(prompts)))
 
     def one_call() -> torch.Tensor:
-        pipeline_slots.route(ids + ids)  # classifier-free guidance: the unet sees [negative rows; positive rows]
+        pipeline_slots.route(ids)  # one entry per prompt: PipelineSlots routes its guidance rows too
         return generate(pipe, steps, size, prompts, seeds=tuple(ids))
 
     def four_calls() -> torch.Tensor:
