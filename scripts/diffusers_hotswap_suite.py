@@ -17,7 +17,6 @@ every test that passes with diffusers passes with loraswap, except :data:`INTEND
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peft_hotswap_suite import counts, read_outcomes
+from peft_hotswap_suite import read_outcomes, report, summarise
 
 SCRIPTS = Path(__file__).resolve().parent
 DEFAULT_TESTS = Path(__file__).resolve().parents[2] / "shared" / "peer-tests" / "diffusers-main-58eb52c0"  # ../shared beside the checkout
@@ -130,32 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers_version": diffusers.__version__,
         "tests": str(args.tests),
         "subset": args.subset or "all",
-        "runs": {
-            name: {key: run[key] for key in ("exit_code", "seconds", "summary")} | counts(run["outcomes"])
-            for name, run in runs.items()
-        },
+        "runs": summarise(runs),
         "intended_differences": excused,
         "problems": problems,
     }
-    if args.verbose or problems:
-        for name, run in runs.items():
-            print(f"===== {name} =====\n{run['log']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"diffusers {diffusers.__version__}, hotswap tests of {args.tests.name} ({result['subset']})")
-        for name, run in result["runs"].items():
-            print(
-                f"  {name:9s} passed {run['passed']:3d}  failed {run['failure']:2d}  errors {run['error']:2d}  "
-                f"skipped {run['skipped']:2d}  ({run['seconds']:.1f} s)"
-            )
-        for line in excused:
-            print(f"  intended difference: {line}")
-        print("OK: loraswap passes every test diffusers passes" if not problems else "FAILED:")
-        for problem in problems:
-            print(f"  {problem}")
-    return 1 if problems else 0
-
+    heading = f"diffusers {diffusers.__version__}, hotswap tests of {args.tests.name} ({result['subset']})"
+    notes = [f"intended difference: {line}" for line in excused]
+    return report(result, runs, heading, notes, "OK: loraswap passes every test diffusers passes", args)
 
 if __name__ == "__main__":
     sys.exit(main())

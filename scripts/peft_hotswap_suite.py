@@ -158,29 +158,43 @@ def main(argv: list[str] | None = None) -> int:
         "peft_version": version,
         "sdist": str(args.sdist) if args.sdist else f"pip download peft=={version}",
         "download_seconds": round(download_seconds, 1),
-        "runs": {
-            name: {key: run[key] for key in ("exit_code", "seconds", "summary")} | counts(run["outcomes"])
-            for name, run in runs.items()
-        },
+        "runs": summarise(runs),
         "problems": problems,
     }
+    heading = f"PEFT {version} {TEST_FILE}::{TEST_CLASS} (sdist download {download_seconds:.1f} s)"
+    return report(result, runs, heading, [], "OK: loraswap.peft passes every test PEFT's functions pass", args)
+
+
+def summarise(runs: dict[str, dict]) -> dict[str, dict]:
+    """Each run's exit code, seconds, pytest summary line and outcome counts."""
+    return {
+        name: {key: run[key] for key in ("exit_code", "seconds", "summary")} | counts(run["outcomes"])
+        for name, run in runs.items()
+    }
+
+
+def report(result: dict, runs: dict[str, dict], heading: str, notes: list[str], ok: str, args) -> int:
+    """Print ``result`` (JSON with ``--json``, else one line per run), each run's log when verbose or failing;
+    the exit code: 1 when ``result["problems"]`` is not empty."""
+    problems = result["problems"]
     if args.verbose or problems:
         for name, run in runs.items():
             print(f"===== {name} =====\n{run['log']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"PEFT {version} {TEST_FILE}::{TEST_CLASS} (sdist download {download_seconds:.1f} s)")
-        for name, run in result["runs"].items():
-            print(
-                f"  {name:9s} passed {run['passed']:3d}  failed {run['failure']:2d}  errors {run['error']:2d}  "
-                f"skipped {run['skipped']:2d}  ({run['seconds']:.1f} s)"
-            )
-        print("OK: loraswap.peft passes every test PEFT's functions pass" if not problems else "FAILED:")
-        for problem in problems:
-            print(f"  {problem}")
+        return 1 if problems else 0
+    print(heading)
+    for name, run in result["runs"].items():
+        print(
+            f"  {name:9s} passed {run['passed']:3d}  failed {run['failure']:2d}  errors {run['error']:2d}  "
+            f"skipped {run['skipped']:2d}  ({run['seconds']:.1f} s)"
+        )
+    for note in notes:
+        print(f"  {note}")
+    print(ok if not problems else "FAILED:")
+    for problem in problems:
+        print(f"  {problem}")
     return 1 if problems else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
