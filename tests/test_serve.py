@@ -229,3 +229,23 @@ def test_images_equal_diffusers_with_load_lora_weights(images_url, sd_served):
     assert [replica["recompiles"] for replica in stats] == [0]
     unserved = _post(f"{images_url}/v1/images/generations", {"model": "style-a", "prompt": "a cat", "size": "48x48"})
     assert unserved.status_code == 400 and "48x48" in unserved.json()["error"]["message"]
+
+
+
+def test_a_warmed_up_text_engine_serves_every_batch_size_without_recompiling(tmp_path):
+    """In-process, no Ray: after warm-up, batches of 1 to 8 rows with prompts of every length compile nothing.
+    dynamo makes a size dynamic only when it sees a second value (and at hidden 128 the warm-up's batch of 2
+    shares its size with the KV heads), so warm-up must show it one, as `bench serve` found."""
+    from transformers import AutoModelForCausalLM
+
+    from loraswap.serve.model import CompletionRow, TextEngine
+
+    folder = tiny_llama_folder(tmp_path / "tiny-llama", hidden=128)
+    specs = dict(list(ADAPTERS.items())[:3])
+    adapters = write_adapters(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapters", specs)
+    engine = TextEngine(folder, {name: str(path) for name, path in adapters.items()}, slots=3, backend="eager")
+    engine.warm_up()
+    names = list(adapters)
+    for rows in (1, 5, 8, 2, 7):
+        engine.complete([CompletionRow(names[i % 3], PROMPTS[(rows + i) % len(PROMPTS)], max_tokens=4) for i in range(rows)])
+    assert engine.stats()["recompiles"] == 0

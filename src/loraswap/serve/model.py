@@ -232,9 +232,15 @@ class TextEngine(_TextModel):
         self.pool.prefetch([adapter])[0].result()
 
     def warm_up(self) -> None:
-        """Compile the prefill and decode graphs, then count recompiles from zero."""
+        """Compile the prefill and decode graphs, then count recompiles from zero.
+
+        Two batches of different sizes and prompt lengths: dynamo compiles the first call's sizes as
+        constants and makes a size dynamic only when a second value arrives, which must happen here,
+        not at the first request of another batch size."""
         names = [name for name in self.adapters if name not in self.refused][:2] or [None]
-        self.complete([CompletionRow(names[i % len(names)], "warm up", max_tokens=3) for i in range(2)], count=False)
+        for rows, prompt in ((2, "warm up"), (3, "warm up the model")):
+            warm = [CompletionRow(names[i % len(names)], prompt, max_tokens=3) for i in range(rows)]
+            self.complete(warm, count=False)
         self._compiles.__enter__()
 
     def stats(self) -> dict[str, int]:
