@@ -319,6 +319,8 @@ def test_version_short_help_and_debug_in_the_help(capsys):
         (["bench", "pipeline"], "diffusers", "loraswap.bench.pipeline.run_pipeline_bench", "diffusers"),
         (["bench", "swap", "--plot", "out.png"], "matplotlib", "loraswap.bench.swap.run_swap", "plot"),
         (["demo"], "peft", "loraswap.demo.run_demo", "peft"),
+        (["serve", "model", "--adapters", "adapters"], "ray", "loraswap.serve.app.serve_forever", "serve"),
+        (["bench", "serve"], "ray", "loraswap.bench.serve.run_serve_bench", "serve"),
     ],
 )
 def test_a_missing_extra_prints_one_line_before_any_work(capsys, monkeypatch, args, missing, runner, extra):

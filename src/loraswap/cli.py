@@ -21,7 +21,12 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: modes timed side by side in one run, medians and ratios.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-EXTRAS = {"peft": ("peft", "transformers"), "diffusers": ("diffusers", "peft", "transformers"), "plot": ("matplotlib",)}
+EXTRAS = {
+    "peft": ("peft", "transformers"),
+    "diffusers": ("diffusers", "peft", "transformers"),
+    "plot": ("matplotlib",),
+    "serve": ("ray", "fastapi", "transformers", "peft"),
+}
 
 
 def _print_version(value: bool) -> None:
@@ -195,6 +200,7 @@ def serve_command(
     sizes: list[str] = typer.Option(["64x64"], "--sizes", help="Image sizes a pipeline serves, each compiled at start."),
 ) -> None:
     """OpenAI-compatible multi-LoRA server on Ray Serve: /v1/models, /v1/completions, /v1/images/generations, /v1/stats."""
+    require_extra("serve", "serve")
     from .serve.app import serve_forever
 
     serve_forever(
@@ -318,6 +324,7 @@ def bench_serve(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """The server with loraswap vs with PEFT in the replicas: requests/s, p50/p99, adapter loads per request, recompiles."""
+    require_extra("serve", "bench serve")
     from .bench.report import emit
     from .bench.serve import print_serve, run_serve_bench
 
