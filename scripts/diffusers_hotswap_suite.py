@@ -20,13 +20,11 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from peft_hotswap_suite import read_outcomes, report, summarise
+from peft_hotswap_suite import report, run_pytest, summarise
 
 SCRIPTS = Path(__file__).resolve().parent
 DEFAULT_TESTS = Path(__file__).resolve().parents[2] / "shared" / "peer-tests" / "diffusers-main-58eb52c0"  # ../shared beside the checkout
@@ -70,18 +68,7 @@ def run_suite(root: Path, implementation: str, report: Path, selection: str | No
         sys.executable, "-m", "pytest", *test_ids(root), "-p", "diffusers_hotswap_plugin", "-p", "no:cacheprovider",
         "-o", "addopts=", "-q", f"--junitxml={report}", *(["-k", selection] if selection else []), *extra_args,
     ]  # fmt: skip
-    start = time.perf_counter()
-    completed = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    tail = (completed.stdout + completed.stderr).strip().splitlines()[-1:] or [""]
-    return {
-        "implementation": implementation,
-        "exit_code": completed.returncode,
-        "seconds": round(seconds, 1),
-        "summary": tail[0],
-        "outcomes": read_outcomes(report) if report.exists() else {},
-        "log": completed.stdout + completed.stderr,
-    }
+    return run_pytest(command, root, env, report, implementation)
 
 
 def compare(runs: dict[str, dict]) -> tuple[list[str], list[str]]:

@@ -87,20 +87,23 @@ def run_suite(root: Path, implementation: str, report: Path, extra_args: list[st
         f"--junitxml={report}",
         *extra_args,
     ]
+    return run_pytest(command, root, env, report, implementation)
+
+
+def run_pytest(command: list[str], root: Path, env: dict[str, str], report: Path, implementation: str) -> dict:
+    """Run one pytest ``command`` in ``root``: exit code, seconds, last output line, outcomes from ``report``, log."""
     start = time.perf_counter()
     completed = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    outcomes = read_outcomes(report) if report.exists() else {}
     tail = (completed.stdout + completed.stderr).strip().splitlines()[-1:] or [""]
     return {
         "implementation": implementation,
         "exit_code": completed.returncode,
         "seconds": round(seconds, 1),
         "summary": tail[0],
-        "outcomes": outcomes,
+        "outcomes": read_outcomes(report) if report.exists() else {},
         "log": completed.stdout + completed.stderr,
     }
-
 
 def read_outcomes(report: Path) -> dict[str, str]:
     outcomes = {}
