@@ -3,7 +3,15 @@
 All slot buffers of one dtype share one flat tensor ``weights[slots, numel]``: slot ``s`` of every
 layer is a view at a fixed offset into row ``s``. Scalings live in ``scales[slots, layers]``
 (float32, so bf16 models keep exact alpha/r). An adapter packed into the same layout
-(:class:`PackedAdapter`) is what the host cache keeps, and a swap is one copy per row.
+(:class:`PackedAdapter`) is what the host cache keeps.
+
+A row is stored rank-major (:class:`RankBlock`): the layers that share a capacity rank ``R`` form
+one block of ``R`` rank rows, and rank row ``k`` holds each of those layers' ``lora_A[k]`` and
+``lora_B[:, k]`` side by side. ``lora_A`` and ``lora_B`` are strided views into it. So an adapter
+of rank ``r`` lives in the block's first ``r`` rows, one contiguous span, and everything after
+them is zero: a swap copies those live rows (one copy per block, not per tensor) and zeroes only
+the rows the slot's previous adapter filled beyond them (:meth:`SlotLayout.write_packed`). The
+slot then holds exactly what a copy of the whole zero-padded adapter would leave there.
 
 :meth:`SlotLayout.pack` validates everything (targets, ranks, shapes, dtypes, finite values)
 before it builds anything, and builds only fresh host tensors: the model is never touched.
@@ -38,17 +46,45 @@ ALIGN_BYTES = 64
 
 
 @dataclass(frozen=True)
+class RankBlock:
+    """The layers of one group that share a capacity rank: ``rows`` rank rows of ``width`` elements from ``offset``."""
+
+    offset: int
+    width: int
+    rows: int
+
+    def span(self, start: int, stop: int) -> slice:
+        """Rank rows ``[start, stop)`` of the block, as a slice of the flat row."""
+        return slice(self.offset + start * self.width, self.offset + stop * self.width)
+
+
+LiveRows = tuple[tuple[int, ...], ...]  # per group, per block: how many leading rank rows an adapter fills
+
+
+@dataclass(frozen=True)
 class LayerPlacement:
-    """One layer's rank and offsets inside its group's flat slot row."""
+    """One layer's rank and offsets inside its group's flat slot row.
+
+    ``a_offset``/``b_offset``: where rank row 0 of ``lora_A``/``lora_B`` starts; rank row ``k`` is
+    ``row_stride`` elements further (see the module docstring).
+    """
 
     name: str
     spec: SlotSpec
     rank: int
     group: int
     scale_index: int
+    block: int
+    row_stride: int
     a_offset: int
     b_offset: int
     bias_offset: int | None
+
+    def live_rows(self, rank: int) -> int:
+        """Rank rows an adapter layer of rank ``rank`` fills: its rank, or for a grouped conv up to the last
+        group's block (each group's rank block starts at its own padded block, see ``_padded_pairs``)."""
+        groups = self.spec.groups
+        return rank if groups == 1 else (groups - 1) * (self.rank // groups) + rank // groups
 
     @property
     def a_shape(self) -> tuple[int, ...]:
@@ -67,6 +103,8 @@ class Group:
     device: torch.device
     numel: int
     layers: int
+    blocks: tuple[RankBlock, ...]
+    bias: slice | None  # every layer's lora_bias, after the blocks
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,7 @@ class PackedAdapter:
     source: str
     targets: frozenset[str]
     layout: SlotLayout = field(repr=False, compare=False)  # the layout it was packed for: only that one can take it
+    live_rows: LiveRows = ()  # the rank rows it fills (the rest of each block is zero): what a swap copies
 
     @property
     def nbytes(self) -> int:
@@ -111,33 +150,53 @@ class SlotLayout:
 
     @classmethod
     def plan(cls, targets: Iterable[tuple[str, nn.Module, SlotSpec]], capacity: Capacity) -> SlotLayout:
-        placements: dict[str, LayerPlacement] = {}
+        """Group the layers by dtype and device, and each group's layers by capacity rank into rank-major blocks."""
+        layers: list[tuple[str, SlotSpec, int, int, int]] = []  # name, spec, rank, group, align (elements)
         group_keys: list[tuple[torch.dtype, torch.device]] = []
-        numel: list[int] = []
-        layers: list[int] = []
         for name, module, spec in targets:
             key = (module.weight.dtype, module.weight.device)
             if key not in group_keys:
                 group_keys.append(key)
-                numel.append(0)
-                layers.append(0)
-            group = group_keys.index(key)
-            align = max(ALIGN_BYTES // module.weight.element_size(), 1)
             rank = capacity.rank_for(name)
             if rank % spec.groups:
                 raise CapacityError(
                     f"layer {name!r} is a conv with groups={spec.groups}; its capacity rank {rank} must be a "
                     f"multiple of {spec.groups}: set Capacity.max_rank (or layer_ranks) accordingly"
                 )
-            offsets = []
-            for size in (rank * math.prod(spec.a_tail), spec.out * rank, spec.out if capacity.lora_bias else 0):
-                offsets.append(numel[group] if size else None)
-                numel[group] += -(-size // align) * align
-            placements[name] = LayerPlacement(
-                name, spec, rank, group, layers[group], offsets[0], offsets[1], offsets[2]
-            )
-            layers[group] += 1
-        groups = [Group(dtype, device, n, count) for (dtype, device), n, count in zip(group_keys, numel, layers)]
+            align = max(ALIGN_BYTES // module.weight.element_size(), 1)
+            layers.append((name, spec, rank, group_keys.index(key), align))
+        placements: dict[str, LayerPlacement] = {}
+        groups = []
+        for group, (dtype, device) in enumerate(group_keys):
+            members = [layer for layer in layers if layer[3] == group]
+            align = members[0][4]
+            ranks = list(dict.fromkeys(rank for _, _, rank, _, _ in members))
+            columns: dict[str, tuple[int, int, int]] = {}  # name -> (block, A column, B column)
+            widths = []
+            for block, rank in enumerate(ranks):
+                width = 0
+                for name, spec, layer_rank, _, _ in members:
+                    if layer_rank == rank:
+                        columns[name] = (block, width, width + _aligned(math.prod(spec.a_tail), align))
+                        width = columns[name][2] + _aligned(spec.out, align)
+                widths.append(width)
+            blocks, numel = [], 0
+            for rank, width in zip(ranks, widths):
+                blocks.append(RankBlock(numel, width, rank))
+                numel += rank * width
+            bias_start = numel
+            for index, (name, spec, rank, _, _) in enumerate(members):
+                block, a_column, b_column = columns[name]
+                bias_offset = None
+                if capacity.lora_bias:
+                    bias_offset, numel = numel, numel + _aligned(spec.out, align)
+                start = blocks[block].offset
+                placements[name] = LayerPlacement(
+                    name, spec, rank, group, index, block, widths[block], start + a_column, start + b_column, bias_offset
+                )
+            bias = slice(bias_start, numel) if capacity.lora_bias else None
+            groups.append(Group(dtype, device, numel, len(members), tuple(blocks), bias))
+        placements = {name: placements[name] for name, *_ in layers}  # the model's order
         return cls(placements, groups, capacity.lora_bias)
 
     @property
@@ -152,20 +211,71 @@ class SlotLayout:
         )
 
     def views(self, weights: torch.Tensor, scales: torch.Tensor, name: str):
-        """``(lora_A, lora_B, scale, lora_bias)`` of one layer inside ``weights [..., numel]`` and ``scales [..., layers]``."""
+        """``(lora_A, lora_B, scale, lora_bias)`` of one layer inside ``weights [..., numel]`` and ``scales [..., layers]``.
+
+        ``lora_A [..., R, *a_tail]`` and ``lora_B [..., out, R]`` step ``row_stride`` elements per rank row.
+        """
         place = self.placements[name]
-        lead = weights.shape[:-1]
-
-        def window(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
-            return weights[..., offset : offset + math.prod(shape)].view(*lead, *shape)
-
-        bias = None if place.bias_offset is None else window(place.bias_offset, (place.spec.out,))
-        return (
-            window(place.a_offset, place.a_shape),
-            window(place.b_offset, place.b_shape),
-            scales[..., place.scale_index],
-            bias,
+        lead, lead_strides = weights.shape[:-1], weights.stride()[:-1]
+        a_tail = place.spec.a_tail
+        tail_strides = tuple(math.prod(a_tail[i + 1 :]) for i in range(len(a_tail)))
+        start = weights.storage_offset()
+        lora_A = weights.as_strided(
+            (*lead, place.rank, *a_tail), (*lead_strides, place.row_stride, *tail_strides), start + place.a_offset
         )
+        lora_B = weights.as_strided(
+            (*lead, place.spec.out, place.rank), (*lead_strides, 1, place.row_stride), start + place.b_offset
+        )
+        bias = None
+        if place.bias_offset is not None:
+            bias = weights[..., place.bias_offset : place.bias_offset + place.spec.out]
+        return lora_A, lora_B, scales[..., place.scale_index], bias
+
+    def live_rows(self, adapter: Adapter) -> LiveRows:
+        """The rank rows of each block that ``adapter`` fills (a validated adapter: every layer has a placement)."""
+        rows = [[0] * len(group.blocks) for group in self.groups]
+        for name, layer in adapter.layers.items():
+            place = self.placements[name]
+            block = rows[place.group]
+            block[place.block] = max(block[place.block], place.live_rows(layer.rank))
+        return tuple(map(tuple, rows))
+
+    def empty_rows(self) -> LiveRows:
+        """The live rows of a zero slot."""
+        return tuple((0,) * len(group.blocks) for group in self.groups)
+
+    def write_packed(
+        self, packed: PackedAdapter, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], previous: LiveRows
+    ) -> None:
+        """Make one slot row (``weights``/``scales``: one tensor per group), whose rank rows past ``previous`` are
+        zero, hold exactly ``packed``: copy its live rows, zero the rows ``previous`` filled beyond them."""
+        destinations, sources, stale = [], [], []
+        for group, (row, source) in enumerate(zip(weights, packed.weights)):
+            for block, live, old in zip(self.groups[group].blocks, packed.live_rows[group], previous[group]):
+                if live:
+                    destinations.append(row[block.span(0, live)])
+                    sources.append(source[block.span(0, live)])
+                if old > live:
+                    stale.append(row[block.span(live, old)])
+            bias = self.groups[group].bias
+            if bias is not None:
+                destinations.append(row[bias])
+                sources.append(source[bias])
+        if stale:
+            torch._foreach_zero_(stale)
+        torch._foreach_copy_([*destinations, *scales], [*sources, *packed.scales], non_blocking=True)
+
+    def zero_rows(self, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], previous: LiveRows) -> None:
+        """Zero one slot row whose rank rows past ``previous`` are zero already."""
+        spans = [
+            row[block.span(0, old)]
+            for group, row in enumerate(weights)
+            for block, old in zip(self.groups[group].blocks, previous[group])
+            if old
+        ]
+        spans += [row[group.bias] for group, row in zip(self.groups, weights) if group.bias is not None]
+        if spans or scales:
+            torch._foreach_zero_([*spans, *scales])
 
     def validate(self, adapter: Adapter, *, cast: bool = False) -> None:
         """Raise the first reason ``adapter`` cannot be loaded into a slot; touches nothing.
@@ -188,30 +298,28 @@ class SlotLayout:
         )
 
     def fill(
-        self, adapter: Adapter, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], *, zeroed: bool = False
-    ) -> None:
-        """Write a validated ``adapter`` into one slot row (``weights``/``scales``: one tensor per group).
+        self,
+        adapter: Adapter,
+        weights: Sequence[torch.Tensor],
+        scales: Sequence[torch.Tensor],
+        *,
+        previous: LiveRows | None = None,
+    ) -> LiveRows:
+        """Write a validated ``adapter`` into one slot row (``weights``/``scales``: one tensor per group); return its
+        live rows.
 
-        Every tensor is copied once, straight into its padded place (one ``_foreach_copy_``), and only
-        what it does not cover is zeroed (one ``_foreach_zero_``): the rank padding of its layers and
-        the layers it does not target. ``zeroed=True``: the row is all zeros already (a fresh buffer).
-        The alignment gaps between layers are never written: zero since ``attach`` (or ``zeros``).
+        Every tensor is copied once, straight into its padded place (one ``_foreach_copy_``). First the rank rows
+        the adapter fills, and those ``previous`` (the row's live rows; None: a fresh all-zero row) filled beyond
+        them, are zeroed (one ``_foreach_zero_``), so that the padding inside them is zero too. Rows past both were
+        zero and stay so. The alignment gaps between layers are never written: zero since ``attach`` (or ``zeros``).
         """
+        live = self.live_rows(adapter)
         scale_values = [[0.0] * g.layers for g in self.groups]
         destinations: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
-        pads: list[torch.Tensor] = []
-        for name, place in self.placements.items():
+        for name, layer in adapter.layers.items():
+            place = self.placements[name]
             lora_A, lora_B, _, bias = self.views(weights[place.group], scales[place.group], name)
-            layer = adapter.layers.get(name)
-            if layer is None or place.spec.groups > 1:  # grouped convs: block-diagonal B, zero it all first
-                pads += [lora_A, lora_B]
-            else:
-                pads += [lora_A[layer.rank :], lora_B[:, layer.rank :]]
-            if bias is not None and (layer is None or layer.lora_bias is None):
-                pads.append(bias)
-            if layer is None:
-                continue
             for destination, source in _padded_pairs(layer, place.spec, lora_A, lora_B):
                 destinations.append(destination)
                 sources.append(source)
@@ -219,21 +327,29 @@ class SlotLayout:
                 destinations.append(bias)
                 sources.append(layer.lora_bias)
             scale_values[place.group][place.scale_index] = layer.scaling
-        pads = [pad for pad in pads if pad.numel()] if not zeroed else []
-        if pads:
-            torch._foreach_zero_(pads)
+        if previous is not None:
+            self.zero_rows(weights, [], tuple(map(_pairwise_max, live, previous)))
         if destinations:
             torch._foreach_copy_(destinations, sources)
         for scale, values in zip(scales, scale_values):
             scale.copy_(torch.tensor(values, dtype=torch.float32))
+        return live
 
     def pack(self, adapter: Adapter, pin_memory: bool = False) -> PackedAdapter:
         """Validate ``adapter``, then lay it out as one slot row on the host (one pass, see :meth:`fill`)."""
         self.validate(adapter, cast=True)
         weights = tuple(torch.zeros(g.numel, dtype=g.dtype, pin_memory=pin_memory) for g in self.groups)
         scales = tuple(torch.zeros(g.layers, dtype=torch.float32, pin_memory=pin_memory) for g in self.groups)
-        self.fill(adapter, weights, scales, zeroed=True)
-        return PackedAdapter(weights, scales, adapter.source, adapter.target_names, self)
+        live = self.fill(adapter, weights, scales)
+        return PackedAdapter(weights, scales, adapter.source, adapter.target_names, self, live)
+
+
+def _aligned(size: int, align: int) -> int:
+    return -(-size // align) * align
+
+
+def _pairwise_max(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    return tuple(map(max, a, b))
 
 
 def check_saved_base_weights(adapter: Adapter, base_weight: Callable[[str], torch.Tensor], targets) -> None:

@@ -2,7 +2,9 @@
 
 A load resolves the adapter to a :class:`~loraswap.layout.PackedAdapter` (from the host cache,
 or read, validated and padded on a miss), then copies it into the slot's row of each flat
-buffer: one ``torch._foreach_copy_`` over a few large tensors. Everything that can fail happens
+buffer: one ``torch._foreach_copy_`` over a few large spans, the rank rows the adapter fills,
+after zeroing the rows the slot's previous adapter filled beyond them (the host records each
+slot's live rows; nothing the compiled graph reads). Everything that can fail happens
 before that copy, so a failed load leaves every tensor of the model bit-for-bit as it was. No
 verb changes a shape, dtype, device, storage or Python attribute that the compiled graph reads.
 
@@ -26,8 +28,11 @@ from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import LayoutChangedError, SlotError
 from .layers import SlotLayer
-from .layout import PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
+from .layout import LiveRows, PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights, Router
+
+# (a slot's weights per group, its scales per group, the rank rows it fills now) -> the rank rows it fills after
+SlotWrite = Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], LiveRows], LiveRows]
 
 
 class AdapterSlots:
@@ -74,6 +79,7 @@ class AdapterSlots:
         self.lock = threading.RLock()
         self._write_lock = threading.Lock()  # slot writes vs the routing verbs; taken after ``lock``
         self._loaded: dict[int, str] = {}
+        self._live_rows = [layout.empty_rows()] * capacity.slots  # per slot: the rank rows its adapter fills
         self._read_slots: frozenset[int] = frozenset({0})  # slots some row reads with a non-zero weight
         self._prefetcher: ThreadPoolExecutor | None = None
         self._routed: tuple[int, str] | None = None  # (count, "row"/"token") the last route/blend list gave
@@ -136,18 +142,25 @@ class AdapterSlots:
         adapter = load_adapter(source, allow_pickle=allow_pickle)
         check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
         self.layout.validate(adapter, cast=True)
-        groups = len(self.layout.groups)
-        self._write_slot(slot, adapter.source, lambda rows: self.layout.fill(adapter, rows[:groups], rows[groups:]))
+
+        def write(weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], previous: LiveRows) -> LiveRows:
+            return self.layout.fill(adapter, weights, scales, previous=previous)
+
+        self._write_slot(slot, adapter.source, write)
 
     def load_packed(self, packed: PackedAdapter, slot: int = 0) -> None:
         """Copy an adapter that :meth:`pack` (or :meth:`packed`) prepared into ``slot``: the write half of ``load``."""
         self.router.check_slot(slot)
         check_packed_for(packed, self.layout)
-        values = (*packed.weights, *packed.scales)
-        self._write_slot(slot, packed.source, lambda rows: torch._foreach_copy_(rows, values, non_blocking=True))
 
-    def _write_slot(self, slot: int, source: str, write: Callable[[tuple[torch.Tensor, ...]], object]) -> None:
-        """``write(rows of slot)`` of a validated adapter: without ``lock`` when no row reads ``slot``."""
+        def write(weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], previous: LiveRows) -> LiveRows:
+            self.layout.write_packed(packed, weights, scales, previous)
+            return packed.live_rows
+
+        self._write_slot(slot, packed.source, write)
+
+    def _write_slot(self, slot: int, source: str, write: SlotWrite) -> None:
+        """``write`` a validated adapter into ``slot``: without ``lock`` when no row reads ``slot``."""
         self._check_layout()
         with self._write_lock:
             if slot not in self._read_slots:
@@ -158,16 +171,19 @@ class AdapterSlots:
             self._write_rows(slot, write, slot_is_read=slot in self._read_slots)
             self._loaded[slot] = source
 
-    def _write_rows(self, slot: int, write: Callable[[tuple[torch.Tensor, ...]], object], slot_is_read: bool) -> None:
-        """Run ``write(rows of slot)``; on CUDA on the side stream, which orders every slot write."""
+    def _write_rows(self, slot: int, write: SlotWrite, slot_is_read: bool) -> None:
+        """Run ``write(weights, scales, live rows)`` on ``slot``'s rows and record the live rows it returns; on CUDA
+        on the side stream, which orders every slot write."""
+        groups = len(self.layout.groups)
+        rows = self._rows[slot]
         if self._copy_stream is None:
-            write(self._rows[slot])
+            self._live_rows[slot] = write(rows[:groups], rows[groups:], self._live_rows[slot])
             return
         compute = torch.cuda.current_stream(self._copy_stream.device)
         if slot_is_read:
             self._copy_stream.wait_stream(compute)  # forwards already queued read this slot: write after them
         with torch.cuda.stream(self._copy_stream):
-            write(self._rows[slot])
+            self._live_rows[slot] = write(rows[:groups], rows[groups:], self._live_rows[slot])
         compute.wait_stream(self._copy_stream)  # an event: work queued from now on sees the whole write
 
     def prefetch(self, source: AdapterSource, *, allow_pickle: bool = False) -> Future:
@@ -186,8 +202,12 @@ class AdapterSlots:
         self.router.check_slot(slot)
         self._check_layout()
         with self.lock, self._write_lock:
-            self._write_rows(slot, lambda rows: torch._foreach_zero_(list(rows)), slot in self._read_slots)
+            self._write_rows(slot, self._zero, slot in self._read_slots)
             self._loaded.pop(slot, None)
+
+    def _zero(self, weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], previous: LiveRows) -> LiveRows:
+        self.layout.zero_rows(weights, scales, previous)
+        return self.layout.empty_rows()
 
     def activate(self, slot: int) -> None:
         """Every row uses ``slot``."""
