@@ -130,6 +130,15 @@ class PackedAdapter:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.weights, *self.scales))
 
+    @property
+    def live_numel(self) -> tuple[int, ...]:
+        """Per group, the elements a swap copies: its live rank rows and the biases."""
+        return tuple(
+            sum(rows * block.width for block, rows in zip(group.blocks, live))
+            + (0 if group.bias is None else group.bias.stop - group.bias.start)
+            for group, live in zip(self.layout.groups, self.live_rows)
+        )
+
 
 def check_packed_for(packed: PackedAdapter | FusedAdapter, layout: SlotLayout) -> None:
     """Refuse an adapter that was packed for another model's slots (its bytes would land in the wrong places)."""
@@ -308,18 +317,30 @@ class SlotLayout:
         """Write a validated ``adapter`` into one slot row (``weights``/``scales``: one tensor per group); return its
         live rows.
 
-        Every tensor is copied once, straight into its padded place (one ``_foreach_copy_``). First the rank rows
-        the adapter fills, and those ``previous`` (the row's live rows; None: a fresh all-zero row) filled beyond
-        them, are zeroed (one ``_foreach_zero_``), so that the padding inside them is zero too. Rows past both were
-        zero and stay so. The alignment gaps between layers are never written: zero since ``attach`` (or ``zeros``).
+        Every tensor is copied once, straight into its padded place (one ``_foreach_copy_``), and only what it does
+        not cover is zeroed (one ``_foreach_zero_``): the rows ``previous`` (the row's live rows; None: a fresh
+        all-zero row) filled beyond the adapter's, and inside the adapter's rows the rank padding of its layers,
+        the layers it does not target and the biases it lacks. Rows past both were zero and stay so. The alignment
+        gaps between layers are never written: zero since ``attach`` (or ``zeros``).
         """
         live = self.live_rows(adapter)
         scale_values = [[0.0] * g.layers for g in self.groups]
         destinations: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
-        for name, layer in adapter.layers.items():
-            place = self.placements[name]
+        pads: list[torch.Tensor] = []
+        for name, place in self.placements.items():
+            layer = adapter.layers.get(name)
+            rows = live[place.group][place.block]
+            written = 0 if layer is None or place.spec.groups > 1 else layer.rank  # grouped convs: block-diagonal B
+            stale_bias = place.bias_offset is not None and (layer is None or layer.lora_bias is None)
+            pad = previous is not None and (written < rows or stale_bias)
+            if layer is None and not pad:
+                continue
             lora_A, lora_B, _, bias = self.views(weights[place.group], scales[place.group], name)
+            if pad:
+                pads += [lora_A[written:rows], lora_B[:, written:rows], *([bias] if stale_bias else [])]
+            if layer is None:
+                continue
             for destination, source in _padded_pairs(layer, place.spec, lora_A, lora_B):
                 destinations.append(destination)
                 sources.append(source)
@@ -328,7 +349,15 @@ class SlotLayout:
                 sources.append(layer.lora_bias)
             scale_values[place.group][place.scale_index] = layer.scaling
         if previous is not None:
-            self.zero_rows(weights, [], tuple(map(_pairwise_max, live, previous)))
+            pads += [
+                row[block.span(rows, old)]
+                for group, row in enumerate(weights)
+                for block, rows, old in zip(self.groups[group].blocks, live[group], previous[group])
+                if old > rows
+            ]
+        pads = [pad for pad in pads if pad.numel()]
+        if pads:
+            torch._foreach_zero_(pads)
         if destinations:
             torch._foreach_copy_(destinations, sources)
         for scale, values in zip(scales, scale_values):
@@ -346,10 +375,6 @@ class SlotLayout:
 
 def _aligned(size: int, align: int) -> int:
     return -(-size // align) * align
-
-
-def _pairwise_max(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
-    return tuple(map(max, a, b))
 
 
 def check_saved_base_weights(adapter: Adapter, base_weight: Callable[[str], torch.Tensor], targets) -> None:
