@@ -80,7 +80,7 @@ class LayerPlacement:
     b_offset: int
     bias_offset: int | None
 
-    def live_rows(self, rank: int) -> int:
+    def filled_rows(self, rank: int) -> int:
         """Rank rows an adapter layer of rank ``rank`` fills: its rank, or for a grouped conv up to the last
         group's block (each group's rank block starts at its own padded block, see ``_padded_pairs``)."""
         groups = self.spec.groups
@@ -160,7 +160,7 @@ class SlotLayout:
     @classmethod
     def plan(cls, targets: Iterable[tuple[str, nn.Module, SlotSpec]], capacity: Capacity) -> SlotLayout:
         """Group the layers by dtype and device, and each group's layers by capacity rank into rank-major blocks."""
-        layers: list[tuple[str, SlotSpec, int, int, int]] = []  # name, spec, rank, group, align (elements)
+        layers: list[tuple[str, SlotSpec, int, int]] = []  # name, spec, capacity rank, group
         group_keys: list[tuple[torch.dtype, torch.device]] = []
         for name, module, spec in targets:
             key = (module.weight.dtype, module.weight.device)
@@ -172,39 +172,15 @@ class SlotLayout:
                     f"layer {name!r} is a conv with groups={spec.groups}; its capacity rank {rank} must be a "
                     f"multiple of {spec.groups}: set Capacity.max_rank (or layer_ranks) accordingly"
                 )
-            align = max(ALIGN_BYTES // module.weight.element_size(), 1)
-            layers.append((name, spec, rank, group_keys.index(key), align))
+            layers.append((name, spec, rank, group_keys.index(key)))
         placements: dict[str, LayerPlacement] = {}
         groups = []
         for group, (dtype, device) in enumerate(group_keys):
-            members = [layer for layer in layers if layer[3] == group]
-            align = members[0][4]
-            ranks = list(dict.fromkeys(rank for _, _, rank, _, _ in members))
-            columns: dict[str, tuple[int, int, int]] = {}  # name -> (block, A column, B column)
-            widths = []
-            for block, rank in enumerate(ranks):
-                width = 0
-                for name, spec, layer_rank, _, _ in members:
-                    if layer_rank == rank:
-                        columns[name] = (block, width, width + _aligned(math.prod(spec.a_tail), align))
-                        width = columns[name][2] + _aligned(spec.out, align)
-                widths.append(width)
-            blocks, numel = [], 0
-            for rank, width in zip(ranks, widths):
-                blocks.append(RankBlock(numel, width, rank))
-                numel += rank * width
-            bias_start = numel
-            for index, (name, spec, rank, _, _) in enumerate(members):
-                block, a_column, b_column = columns[name]
-                bias_offset = None
-                if capacity.lora_bias:
-                    bias_offset, numel = numel, numel + _aligned(spec.out, align)
-                start = blocks[block].offset
-                placements[name] = LayerPlacement(
-                    name, spec, rank, group, index, block, widths[block], start + a_column, start + b_column, bias_offset
-                )
-            bias = slice(bias_start, numel) if capacity.lora_bias else None
-            groups.append(Group(dtype, device, numel, len(members), tuple(blocks), bias))
+            members = [(name, spec, rank) for name, spec, rank, member_group in layers if member_group == group]
+            align = max(ALIGN_BYTES // dtype.itemsize, 1)
+            numel, blocks, bias, group_placements = _plan_group(group, members, align, capacity.lora_bias)
+            groups.append(Group(dtype, device, numel, len(members), blocks, bias))
+            placements.update((place.name, place) for place in group_placements)
         placements = {name: placements[name] for name, *_ in layers}  # the model's order
         return cls(placements, groups, capacity.lora_bias)
 
@@ -246,7 +222,7 @@ class SlotLayout:
         for name, layer in adapter.layers.items():
             place = self.placements[name]
             block = rows[place.group]
-            block[place.block] = max(block[place.block], place.live_rows(layer.rank))
+            block[place.block] = max(block[place.block], place.filled_rows(layer.rank))
         return tuple(map(tuple, rows))
 
     def empty_rows(self) -> LiveRows:
@@ -371,6 +347,37 @@ class SlotLayout:
         scales = tuple(torch.zeros(g.layers, dtype=torch.float32, pin_memory=pin_memory) for g in self.groups)
         live = self.fill(adapter, weights, scales)
         return PackedAdapter(weights, scales, adapter.source, adapter.target_names, self, live)
+
+
+def _plan_group(
+    group: int, members: list[tuple[str, SlotSpec, int]], align: int, has_bias: bool
+) -> tuple[int, tuple[RankBlock, ...], slice | None, list[LayerPlacement]]:
+    """One group's flat row: a rank-major block per capacity rank (each layer's A row and B column side by side
+    in every rank row, ``align``-element aligned), then the biases. Returns (numel, blocks, bias span, placements)."""
+    ranks = list(dict.fromkeys(rank for _, _, rank in members))
+    columns: dict[str, tuple[int, int]] = {}  # name -> (A column, B column) in its block's rows
+    widths = [0] * len(ranks)
+    for name, spec, rank in members:
+        block = ranks.index(rank)
+        a_column = widths[block]
+        columns[name] = (a_column, a_column + _aligned(math.prod(spec.a_tail), align))
+        widths[block] = columns[name][1] + _aligned(spec.out, align)
+    blocks, numel = [], 0
+    for rank, width in zip(ranks, widths):
+        blocks.append(RankBlock(numel, width, rank))
+        numel += rank * width
+    bias_start = numel
+    placements = []
+    for index, (name, spec, rank) in enumerate(members):
+        block = ranks.index(rank)
+        bias_offset = None
+        if has_bias:
+            bias_offset, numel = numel, numel + _aligned(spec.out, align)
+        a_offset, b_offset = (blocks[block].offset + column for column in columns[name])
+        placements.append(
+            LayerPlacement(name, spec, rank, group, index, block, widths[block], a_offset, b_offset, bias_offset)
+        )
+    return numel, tuple(blocks), slice(bias_start, numel) if has_bias else None, placements
 
 
 def _aligned(size: int, align: int) -> int:
