@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from ..attach import attach
 from ..capacity import Capacity
@@ -180,7 +181,8 @@ def print_swap(result: dict[str, Any]) -> None:
         f"median of {result['rounds']} alternating rounds; "
         f"{result['torch_threads']} torch thread(s)"
     )
-    print_table(title, ["mode", "median", "vs padded floor", "vs live floor", "speed-up vs PEFT"], rows)
+    wide = Console(width=max(Console().width, 100))  # five columns: keep the mode names on one line
+    print_table(title, ["mode", "median", "vs padded floor", "vs live floor", "speed-up vs PEFT"], rows, wide)
     print_table(
         "targets (same run)",
         ["target", "measured", "met"],
