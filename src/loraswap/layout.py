@@ -124,7 +124,7 @@ class PackedAdapter:
     source: str
     targets: frozenset[str]
     layout: SlotLayout = field(repr=False, compare=False)  # the layout it was packed for: only that one can take it
-    live_rows: LiveRows = ()  # the rank rows it fills (the rest of each block is zero): what a swap copies
+    live_rows: LiveRows  # the rank rows it fills (the rest of each block is zero): what a swap copies
 
     @property
     def nbytes(self) -> int:
