@@ -2,8 +2,8 @@
 
 Routing: the ingress sends a request for adapter ``a`` with ``multiplexed_model_id=a``, so Ray Serve
 prefers a replica whose multiplexing cache holds ``a``; the base model goes to any replica. Inside a
-replica, ``@serve.batch`` gathers the rows of concurrent requests, whatever their adapters, and the
-engine answers them with one routed forward per step (:mod:`loraswap.serve.model`).
+replica, a :class:`~loraswap.serve.batcher.Batcher` gathers the rows of concurrent requests, whatever
+their adapters, and the engine answers them with one routed forward per step (:mod:`loraswap.serve.model`).
 
 Eviction from Ray's multiplexing cache is safe under concurrent requests because it frees nothing:
 the cached "model" is the adapter's name, validated and packed into the host cache. Which adapters
@@ -44,8 +44,12 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 def _refused(model: str, err: HotswapError) -> JSONResponse:
-    """400 for a request loraswap refuses: an adapter that fails validation, an image size not compiled."""
-    return _error(400, f"{model}: {err}", getattr(err, "param", "model"))
+    """400 for a request loraswap refuses: an adapter that fails validation, an image size not compiled.
+
+    Raised in a replica, ``err`` arrives as Ray's ``RayTaskError`` whose text is the replica's traceback;
+    the client gets the message of the error itself (``err.cause``)."""
+    cause = getattr(err, "cause", err)
+    return _error(400, f"{model}: {cause}", getattr(cause, "param", "model"))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -133,7 +137,7 @@ class Ingress:
             return _error(404, f"The model `{model}` does not exist; GET /v1/models lists the {len(self.adapters) + 1} served", "model")
         wanted = "text" if endpoint == "completions" else "images"
         if self.kind != wanted:
-            return _error(404, f"/v1/{endpoint} is not served: {self.base} is a {self.kind} model", "model")
+            return _error(404, f"/v1/{endpoint} is not served: {self.base} is {'a text' if self.kind == 'text' else 'an image'} model", "model")
         return None
 
     def _handle(self, model: str):
