@@ -127,3 +127,30 @@ def test_diffusers_own_enable_lora_hotswap_tests_pass_with_loraswap():
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr[-4000:]
     assert "passed   8" in completed.stdout, completed.stdout
+
+
+@pytest.mark.parametrize("compile_style", ["torch.compile(model)", "model.compile()"])
+def test_per_call_scale_on_a_compiled_model_matches_diffusers_without_recompiling(
+    model_files, unet_inputs, diffusers_outputs, compile_style
+):
+    """``model(..., cross_attention_kwargs={"scale": s})`` called directly: the scale is a routing weight taken
+    out before the compiled forward, so each strength equals diffusers' eager result and none recompiles."""
+    reference = tiny_unet()
+    reference.load_lora_adapter(model_files["a"], adapter_name="a", prefix=None)
+    scaled = {scale: {**unet_inputs, "cross_attention_kwargs": {"scale": scale}} for scale in (0.5, 0.8)}
+    expected = {scale: forward(reference, inputs) for scale, inputs in scaled.items()}
+    model = tiny_unet()
+    lsd.enable_lora_hotswap(model, target_rank=8)
+    model.load_lora_adapter(model_files["a"], adapter_name="a", prefix=None)
+    torch._dynamo.reset()
+    if compile_style == "model.compile()":
+        model.compile(backend="eager")
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend="eager")
+    forward(compiled, unet_inputs)  # the one compilation
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for scale in (0.5, 0.8, 0.5):
+            torch.testing.assert_close(forward(compiled, scaled[scale]), expected[scale], atol=1e-4, rtol=0)
+        torch.testing.assert_close(forward(compiled, unet_inputs), diffusers_outputs["a"], atol=1e-4, rtol=0)
+    assert (expected[0.5] - diffusers_outputs["a"]).abs().max() > 1e-3

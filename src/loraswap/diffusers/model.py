@@ -11,10 +11,12 @@ verb is a copy into fixed tensors, so a compiled model never recompiles.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..adapter import Adapter
@@ -24,6 +26,7 @@ from ..errors import CapacityError, ModeError
 from ..layers import slot_layer_class
 from ..swap import AdapterSlots
 from .naming import NamedAdapters, check_enable, in_target_rank_words, take_over_peft_adapters
+from .prompts import SCALE_KWARGS, split_scale
 from .reading import component_adapter
 
 # Layers that diffusers and kohya trainers put LoRAs on (PEFT meaning: name suffixes).
@@ -117,7 +120,9 @@ def enable_model_lora_hotswap(
     ``delete_adapters(names)``, ``unload_lora()``, ``disable_lora()`` / ``enable_lora()``,
     ``active_adapters()``; ``fuse_lora`` / ``unfuse_lora`` raise :class:`~loraswap.ModeError` (use
     ``loraswap.attach(model, capacity, mode="fused")``). ``slots``: how many adapters can be loaded at
-    once (for ``set_adapters`` over several). An adapter already loaded through diffusers/PEFT is
+    once (for ``set_adapters`` over several). The strength a forward receives the diffusers way
+    (``model(..., cross_attention_kwargs={"scale": s})``, ``joint_attention_kwargs``, ``attention_kwargs``) is a
+    routing weight: changing it between calls compiles nothing. An adapter already loaded through diffusers/PEFT is
     taken over into slots when ``check_compiled`` allows it ("warn" logs diffusers' warning first).
     """
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -155,4 +160,25 @@ def enable_model_lora_hotswap(
     for method_name, function in methods.items():
         object.__setattr__(model, method_name, types.MethodType(function, model))
     object.__setattr__(model, "loraswap_hotswap", state)
+    _route_call_scale(model, names)
     return state
+
+
+def _route_call_scale(model: nn.Module, names: NamedAdapters) -> None:
+    """Make the ``scale`` a forward receives the diffusers way (``cross_attention_kwargs`` / ``joint_attention_kwargs``
+    / ``attention_kwargs``, whichever the model's forward takes) a routing weight: a forward pre-hook takes it out of
+    the kwargs and scales the routing before the (compiled) forward runs. The hook runs outside dynamo, so the
+    scale is never a Python float that a compiled graph guards on: changing it compiles nothing."""
+    parameters = inspect.signature(model.forward).parameters
+    kwarg = next((name for name in SCALE_KWARGS if name in parameters), None)
+    if kwarg is None:
+        return
+
+    @torch._dynamo.disable
+    def take_scale(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        scale, options = split_scale(kwargs.get(kwarg))
+        names.scale_call(scale)
+        rest = {key: value for key, value in kwargs.items() if key != kwarg}
+        return args, rest if options is None else {**rest, kwarg: options}  # as a call that never passed it
+
+    model.register_forward_pre_hook(take_scale, with_kwargs=True)

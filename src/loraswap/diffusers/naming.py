@@ -55,6 +55,7 @@ class NamedAdapters:
         self.weights: dict[str, float] = {}  # active adapters and their weights
         self.enabled = True
         self.last: str | None = None
+        self.call_scale = 1.0  # the strength of the current forward (diffusers' per-call ``scale``)
 
     def slot_for_load(self, adapter_name: str | None, hotswap: bool) -> tuple[str, int]:
         """The name and slot a load writes, raising diffusers' ``ValueError`` where diffusers does."""
@@ -125,13 +126,21 @@ class NamedAdapters:
         self.enabled = enabled
         self._write()
 
+    def scale_call(self, scale: float) -> None:
+        """Every weight times ``scale`` from the next forward on (a routing write, only when it changes)."""
+        if scale != self.call_scale:
+            self.call_scale = scale
+            self._write()
+
     def active(self) -> list[str]:
         return [name for name in self.weights if name in self.by_name] if self.enabled else []
 
     def _write(self) -> None:
         if self.target is None:
             return
-        weights = {self.by_name[name]: weight for name, weight in self.weights.items() if name in self.by_name}
+        weights = {
+            self.by_name[name]: weight * self.call_scale for name, weight in self.weights.items() if name in self.by_name
+        }
         self.target.blend(weights if self.enabled else {})
 
     def _known(self, names: list[str]) -> list[str]:
