@@ -131,42 +131,43 @@ def test_diffusers_own_enable_lora_hotswap_tests_pass_with_loraswap():
     assert "passed   8" in completed.stdout, completed.stdout
 
 
-@pytest.mark.parametrize("compile_style", ["torch.compile(model)", "model.compile()"])
-def test_per_call_scale_on_a_compiled_model_matches_diffusers_without_recompiling(
-    model_files, unet_inputs, diffusers_outputs, compile_style
-):
-    """``model(..., cross_attention_kwargs={"scale": s})`` called directly: the scale is a routing weight taken
-    out before the compiled forward, so each strength equals diffusers' eager result and none recompiles."""
+def scaled(inputs, scale):
+    return {**inputs, "cross_attention_kwargs": {"scale": scale}}
+
+
+def test_per_call_scale_on_an_in_place_compiled_model_matches_diffusers(model_files, unet_inputs, diffusers_outputs):
+    """``model(..., cross_attention_kwargs={"scale": s})`` after ``model.compile()``: the scale is a routing weight
+    taken out before the compiled forward, so each strength equals diffusers' eager result and none recompiles
+    (``torch.compile(model)`` is covered by the fuse test below)."""
     reference = tiny_unet()
     reference.load_lora_adapter(model_files["a"], adapter_name="a", prefix=None)
-    scaled = {scale: {**unet_inputs, "cross_attention_kwargs": {"scale": scale}} for scale in (0.5, 0.8)}
-    expected = {scale: forward(reference, inputs) for scale, inputs in scaled.items()}
+    expected = {scale: forward(reference, scaled(unet_inputs, scale)) for scale in (0.5, 0.8)}
     model = tiny_unet()
     lsd.enable_lora_hotswap(model, target_rank=8)
     model.load_lora_adapter(model_files["a"], adapter_name="a", prefix=None)
     torch._dynamo.reset()
-    if compile_style == "model.compile()":
-        model.compile(backend="eager")
-        compiled = model
-    else:
-        compiled = torch.compile(model, backend="eager")
-    forward(compiled, unet_inputs)  # the one compilation
+    model.compile(backend="eager")
+    forward(model, unet_inputs)  # the one compilation
     with torch._dynamo.config.patch(error_on_recompile=True):
         for scale in (0.5, 0.8, 0.5):
-            torch.testing.assert_close(forward(compiled, scaled[scale]), expected[scale], atol=1e-4, rtol=0)
-        torch.testing.assert_close(forward(compiled, unet_inputs), diffusers_outputs["a"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(forward(model, scaled(unet_inputs, scale)), expected[scale], atol=1e-4, rtol=0)
+        torch.testing.assert_close(forward(model, unet_inputs), diffusers_outputs["a"], atol=1e-4, rtol=0)
     assert (expected[0.5] - diffusers_outputs["a"]).abs().max() > 1e-3
 
 
-def test_fuse_lora_and_unfuse_lora_match_diffusers_without_recompiling(model_files, unet_inputs, diffusers_outputs):
-    """fuse_lora merges the weighted blend (and, at lora_scale=0.5, one adapter) into the base weights as diffusers
-    does; unfuse_lora restores them bit for bit; unload_lora keeps fused weights, as in diffusers."""
+def test_per_call_scale_fuse_lora_and_unfuse_lora_match_diffusers_without_recompiling(
+    model_files, unet_inputs, diffusers_outputs
+):
+    """On ``torch.compile(model)``: a per-call scale on a blend of two adapters; fuse_lora merging the blend (and,
+    at lora_scale=0.5, one adapter) into the base weights as diffusers does; unfuse_lora restoring them bit for bit;
+    unload_lora keeping fused weights, as in diffusers."""
     reference = tiny_unet()
     for name in ("a", "b"):
         reference.load_lora_adapter(model_files[name], adapter_name=name, prefix=None)
     reference.set_adapters(["a", "b"], [0.7, 0.4])
+    expected = {"mix at 0.5": forward(reference, scaled(unet_inputs, 0.5))}
     reference.fuse_lora()
-    expected = {"fused mix": forward(reference, unet_inputs)}
+    expected["fused mix"] = forward(reference, unet_inputs)
     reference.unfuse_lora()
     expected["unfused"] = forward(reference, unet_inputs)
     reference.set_adapters("b")
@@ -188,12 +189,13 @@ def test_fuse_lora_and_unfuse_lora_match_diffusers_without_recompiling(model_fil
         torch.testing.assert_close(forward(compiled, unet_inputs), expected[name], atol=1e-4, rtol=0)
 
     with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(forward(compiled, scaled(unet_inputs, 0.5)), expected["mix at 0.5"], atol=1e-4, rtol=0)
         compiled.fuse_lora()
         check("fused mix")
         with pytest.raises(loraswap.ModeError, match="unfuse_lora"):
             compiled.set_adapters("a")
         with pytest.raises(loraswap.ModeError, match="scale of 0.5"):
-            forward(compiled, {**unet_inputs, "cross_attention_kwargs": {"scale": 0.5}})
+            forward(compiled, scaled(unet_inputs, 0.5))
         compiled.unfuse_lora()
         check("unfused")
         assert torch.equal(forward(compiled, unet_inputs), before)  # the base weights back bit for bit

@@ -141,7 +141,8 @@ class NamedAdapters:
             )
         if scale != self.call_scale:
             self.call_scale = scale
-            self.write()
+            if not self.fused:  # fused: the routing stays empty until unfuse_lora writes it back
+                self.write()
 
     def fused_weights(self, adapter_names: Sequence[str] | None, lora_scale: float) -> dict[int, float]:
         """Slot -> weight that ``fuse_lora`` merges: the active adapters (or ``adapter_names``) at their
