@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from loraswap.synthetic import tiny_llama, write_adapters
+from loraswap.synthetic import peft_multi_adapter, tiny_llama, write_adapters
 
 # Four adapters that differ in rank, alpha, targets (disjoint and overlapping, attention and MLP),
 # rsLoRA, rank_pattern and alpha_pattern.
@@ -53,6 +53,18 @@ def llama_base():
 @pytest.fixture(scope="session")
 def llama_adapters(llama_base, tmp_path_factory):
     return write_adapters(llama_base, tmp_path_factory.mktemp("llama-adapters"), LLAMA_ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def names(llama_adapters):
+    """The names of :data:`llama_adapters`, in order."""
+    return list(llama_adapters)
+
+
+@pytest.fixture(scope="session")
+def peft_model(llama_base, llama_adapters):
+    """PEFT's eager model holding every Llama adapter under its name: the reference for routed rows."""
+    return peft_multi_adapter(llama_base, llama_adapters)
 
 
 @pytest.fixture(scope="session")

@@ -327,6 +327,37 @@ def test_enable_lora_hotswap_names_and_blends(sd_pipe, sd_files, references, bas
     assert torch.equal(generate(pipe), base_output)
 
 
+def test_enable_lora_hotswap_fuse_lora_matches_diffusers(sd_pipe, sd_files, base_output):
+    """The drop-in's fuse_lora merges into the unet and the text encoder (diffusers' default components), or the
+    unet alone; unfuse_lora restores the weights bit for bit; a per-call scale while fused is refused."""
+    reference = copy.deepcopy(sd_pipe)
+    reference.load_lora_weights(str(sd_files["unet-and-te"]), adapter_name="a")
+    reference.fuse_lora()
+    expected = {"both": generate(reference)}
+    reference.unfuse_lora()
+    reference.fuse_lora(components=["unet"])
+    expected["unet only"] = generate(reference)
+    pipe = copy.deepcopy(sd_pipe)
+    lsd.enable_lora_hotswap(pipe, target_rank=8)
+    pipe.load_lora_weights(str(sd_files["unet-and-te"]), adapter_name="a")
+    unfused = generate(pipe)
+    pipe.fuse_lora()
+    torch.testing.assert_close(generate(pipe), expected["both"], atol=1e-4, rtol=0)
+    with pytest.raises(loraswap.ModeError, match="scale of 0.5"):
+        generate(pipe, cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(loraswap.ModeError, match="unfuse_lora"):
+        pipe.load_lora_weights(str(sd_files["te-only"]), adapter_name="b")
+    pipe.unfuse_lora()
+    assert torch.equal(generate(pipe), unfused)
+    pipe.fuse_lora(components=["unet"])  # the text encoder's part stays a routed LoRA
+    torch.testing.assert_close(generate(pipe), expected["unet only"], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="vae is not found"):
+        pipe.unfuse_lora(components=["vae"])
+    pipe.unfuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    assert torch.equal(generate(pipe), base_output)
+
+
 @pytest.mark.parametrize("mode", ["slots", "fused"])
 def test_sdxl_kohya_te1_te2_match_diffusers(tmp_path, mode):
     pipe = tiny_sdxl_pipeline()

@@ -12,25 +12,15 @@ import torch
 
 import loraswap
 from loraswap import AdapterFolder, AdapterPool
-from loraswap.synthetic import merged_reference, peft_multi_adapter, peft_reference, write_catalogue
+from loraswap.synthetic import merged_reference, peft_reference, write_catalogue
 
 SLOTS = 3
 ROWS = 6
 
 
 @pytest.fixture(scope="module")
-def names(llama_adapters):
-    return list(llama_adapters)
-
-
-@pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 96, (ROWS, 7), generator=torch.Generator().manual_seed(5))
-
-
-@pytest.fixture(scope="module")
-def peft_model(llama_base, llama_adapters):
-    return peft_multi_adapter(llama_base, llama_adapters)
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,8 @@ MAX_BATCH = 8
 
 
 @pytest.fixture(scope="module")
-def names(llama_adapters):
-    return list(llama_adapters)
-
-
-@pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 96, (MAX_BATCH, 7), generator=torch.Generator().manual_seed(3))
-
-
-@pytest.fixture(scope="module")
-def peft_model(llama_base, llama_adapters):
-    return peft_multi_adapter(llama_base, llama_adapters)
 
 
 @pytest.fixture(scope="module")

@@ -321,6 +321,9 @@ def bench_serve(
     layers: int = typer.Option(4, help="Llama layers."),
     backend: str = typer.Option("inductor", help="torch.compile backend of loraswap's replicas."),
     time_limit: float = typer.Option(120.0, help="Seconds each engine's run may take at most."),
+    per_adapter: bool = typer.Option(
+        False, "--per-adapter", help="Also run loraswap with one generate() per adapter in a batch (mixed batches vs per-adapter)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """The server with loraswap vs with PEFT in the replicas: requests/s, p50/p99, adapter loads per request, recompiles."""
@@ -331,6 +334,7 @@ def bench_serve(
     result = run_serve_bench(
         requests=requests, adapters=adapters, clients=clients, replicas=replicas, slots=slots,
         max_tokens=max_tokens, hidden=hidden, layers=layers, backend=backend, time_limit=time_limit,
+        per_adapter=per_adapter,
     )
     emit(result, as_json, print_serve)
 

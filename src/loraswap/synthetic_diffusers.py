@@ -314,3 +314,135 @@ def write_xlabs_flux_lora(pipe, path: str | Path, seed: int = 0, rank: int = 4, 
     path = Path(path)
     save_file(tensors, str(path))
     return path
+
+
+def tiny_t5_tokenizer(max_length: int = 8):
+    """A ``T5Tokenizer`` over printable ASCII characters (a Unigram vocabulary, no merges): ``<pad>``, ``</s>``, ``<unk>``."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0), *((chr(c), -1.0) for c in range(33, 127))]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_t5_encoder(vocab_size: int, hidden: int = 32, seed: int = 0, umt5: bool = False) -> nn.Module:
+    """A random-init one-layer ``T5EncoderModel`` (``UMT5EncoderModel``, Wan's encoder, if asked)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(
+        vocab_size=vocab_size, d_model=hidden, d_kv=8, d_ff=hidden, num_layers=1, num_heads=hidden // 8,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return model_class(config).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A random-init ``StableDiffusion3Pipeline`` with its three text encoders: two CLIP with projection (hidden 16,
+    pooled 2 x 16) and a one-layer T5 (hidden 32); the VAE is left out (``vae=None``: run with ``output_type="latent"``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=4, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32,
+    ).eval()  # fmt: skip
+    tokenizer = tiny_clip_tokenizer()
+    t5_tokenizer = tiny_t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=tiny_clip_text_encoder(len(tokenizer), hidden=16, seed=seed + 1, with_projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_encoder(len(tokenizer), hidden=16, seed=seed + 2, with_projection=True),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(len(t5_tokenizer), hidden=32, seed=seed + 3),
+        tokenizer_3=t5_tokenizer,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_wan_transformer(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=32,
+        freq_dim=16, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """A random-init Wan 2.2 ``WanPipeline``: ``transformer`` (high-noise steps) and ``transformer_2`` (low-noise
+    steps, ``boundary_ratio=0.5``), a one-layer UMT5 text encoder; the VAE is left out (``output_type="latent"``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer = tiny_t5_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_t5_encoder(len(tokenizer), hidden=32, seed=seed + 1, umt5=True),
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=tiny_wan_transformer(seed),
+        transformer_2=tiny_wan_transformer(seed + 2),
+        boundary_ratio=0.5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def tiny_qwen_tokenizer():
+    """A ``Qwen2Tokenizer`` over bytes (byte-level alphabet, no merges) plus the chat tokens QwenImage's prompt template uses."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    tokens = [*QWEN_SPECIAL_TOKENS, *sorted(ByteLevel.alphabet())]
+    tokenizer = Qwen2Tokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def tiny_qwen_vl_text_encoder(vocab_size: int, hidden: int = 16, seed: int = 0) -> nn.Module:
+    """A random-init one-layer ``Qwen2_5_VLForConditionalGeneration`` (QwenImage's text encoder; vision tower of depth 1)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, rope_theta=1e6,
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    vision = dict(depth=1, hidden_size=hidden, intermediate_size=hidden, num_heads=2, out_hidden_size=hidden)
+    token_ids = {
+        name: vocab_size + offset
+        for offset, name in enumerate(("vision_start_token_id", "vision_end_token_id", "vision_token_id", "image_token_id", "video_token_id"))
+    }  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=hidden, vocab_size=vocab_size, **token_ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """A random-init ``QwenImagePipeline``: a one-block transformer and a one-layer Qwen2.5-VL text encoder (hidden 16);
+    the VAE is left out (``output_type="latent"`` gives the packed latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()  # fmt: skip
+    tokenizer = tiny_qwen_tokenizer()
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=tiny_qwen_vl_text_encoder(len(tokenizer), seed=seed + 1),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -4,8 +4,9 @@ A Llama-style model (hidden 256, 4 layers) with four PEFT adapters of ranks 4-32
 targets, a batch of 8 rows x 32 tokens, two rows per adapter, every model on the default capacity.
 For each dtype (fp32, bf16), timed in alternating rounds: the routed compiled batch with 4, 8 and
 16 resident slots (slot ``s`` holds adapter ``s % 4``; rows spread over the slots), the same model
-with one slot (all rows on its adapter: the one-adapter cost to match), the 4-slot batch with all
-rows on one adapter, PEFT's eager ``adapter_names=`` batch, swapping per adapter group (activate +
+with one slot (the same capacity: union of targets, largest rank; all rows on its adapter: the
+one-adapter cost to match), a one-slot model sized for its adapter alone (rank 4 on two targets:
+what the union capacity itself costs), the 4-slot batch with all rows on one adapter, PEFT's eager ``adapter_names=`` batch, swapping per adapter group (activate +
 one compiled forward per group) and the compiled base model. Then a serving loop in which every
 batch brings a new mix: loraswap re-routes, while PEFT's compiled ``adapter_names=`` model
 recompiles for each mix (so only a few of its mixes are measured and its cost is reported per mix).
@@ -60,7 +61,8 @@ def routed_mode(slots: int) -> str:
     return f"routed batch, {slots} resident slots (compiled)"
 
 
-ONE_SLOT = "one-slot model, all rows on its adapter (compiled)"
+ONE_SLOT = "one-slot model, same capacity, all rows on its adapter (compiled)"
+OWN_CAPACITY = "one-slot model sized for attn-r4 alone (compiled)"
 ONE_ADAPTER = "4-slot model, all rows on one adapter (compiled)"
 PEFT_EAGER = "PEFT eager adapter_names= batch"
 PER_GROUP = "swap per adapter group: activate + compiled forward x4"
@@ -73,10 +75,12 @@ def spread_mix(resident: int) -> list[int]:
     return [row % adapters + adapters * (row % (resident // adapters)) for row in range(ROWS)]
 
 
-def _attached(base: torch.nn.Module, paths: dict[str, Path], resident: int):
-    """A compiled copy of ``base`` on the default capacity, slot ``s`` holding adapter ``s % 4``."""
+def _attached(base: torch.nn.Module, paths: dict[str, Path], resident: int, sized_for: list[Path] | None = None):
+    """A compiled copy of ``base`` on the default capacity for ``sized_for`` (default: every adapter in
+    ``paths``), slot ``s`` holding adapter ``s % len(paths)``."""
     model = copy.deepcopy(base)
-    slots = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=resident))
+    capacity = Capacity.for_adapters(sized_for or paths.values(), model=model, slots=resident)
+    slots = attach(model, capacity)
     sources = list(paths.values())
     for slot in range(resident):
         slots.load(sources[slot % len(sources)], slot=slot)
@@ -108,7 +112,9 @@ def run_mixed(
 def _run_dtype(base, paths, tokens, rounds: int, new_mixes: int, peft_mixes: int, seed: int) -> dict[str, Any]:
     names = list(MIXED_ADAPTERS)
     routed = {resident: _attached(base, paths, resident) for resident in RESIDENT_SLOTS}
-    one_slot, one_slot_compiled = _attached(base, {names[0]: paths[names[0]]}, 1)
+    first = {names[0]: paths[names[0]]}
+    one_slot, one_slot_compiled = _attached(base, first, 1, sized_for=list(paths.values()))
+    own, own_compiled = _attached(base, first, 1)
     peft_model = peft_multi_adapter(base, paths)
     compiled_base = torch.compile(copy.deepcopy(base))
     slots4, compiled4 = routed[4]
@@ -141,6 +147,7 @@ def _run_dtype(base, paths, tokens, rounds: int, new_mixes: int, peft_mixes: int
     modes = {
         **{routed_mode(resident): routed_batch(resident) for resident in RESIDENT_SLOTS},
         ONE_SLOT: all_on(one_slot, one_slot_compiled),
+        OWN_CAPACITY: all_on(own, own_compiled),
         ONE_ADAPTER: all_on(slots4, compiled4),
         PEFT_EAGER: lambda: peft_model(tokens, adapter_names=peft_names),
         PER_GROUP: per_group,

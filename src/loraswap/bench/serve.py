@@ -1,9 +1,10 @@
 """``loraswap bench serve``: the same Ray Serve app with loraswap and with PEFT inside the replicas.
 
-A tiny Llama folder and 30 PEFT adapters are written to a temporary folder; one local Ray instance
+A random-init Llama folder and 30 PEFT adapters are written to a temporary folder; one local Ray instance
 (loopback only) serves them, first with loraswap's engine (compiled, routed batches, adapter pool),
-then with PEFT's (eager, ``load_adapter``/``set_adapter``, one adapter per batch). Both see the same
-back-to-back Zipf traffic from concurrent clients, bounded in count and in time.
+then with PEFT's (eager, ``load_adapter``/``set_adapter``, one adapter per batch); with ``per_adapter``
+also with loraswap's engine splitting each batch by adapter as PEFT must. All see the same
+back-to-back Zipf traffic from concurrent clients (one keep-alive connection each), bounded in count and in time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ENGINES = ("loraswap", "peft")
 
 
 def zipf_models(names: list[str], count: int, exponent: float, seed: int) -> list[str]:
@@ -53,7 +53,7 @@ def drive(url: str, models: list[str], clients: int, max_tokens: int, time_limit
         if time.perf_counter() > deadline:
             return
         start = time.perf_counter()
-        response = httpx.post(
+        response = client.post(
             f"{url}/v1/completions",
             json={"model": model, "prompt": "the cat sat on the mat", "max_tokens": max_tokens, "temperature": 0},
             timeout=120,
@@ -64,7 +64,7 @@ def drive(url: str, models: list[str], clients: int, max_tokens: int, time_limit
             failures += 1
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    with httpx.Client(limits=httpx.Limits(max_connections=clients)) as client, ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, models))
     elapsed = time.perf_counter() - start
     latencies.sort()
@@ -90,6 +90,7 @@ def run_serve_bench(
     backend: str = "inductor",
     time_limit: float = 120.0,
     exponent: float = 1.1,
+    per_adapter: bool = False,
 ) -> dict:
     from ray import serve
 
@@ -104,11 +105,12 @@ def run_serve_bench(
     port = 8765
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
+    engines = ["loraswap", *(["loraswap-per-adapter"] if per_adapter else []), "peft"]
     rows = []
     try:
-        for engine in ENGINES:
+        for engine in engines:
             app = build_app(folder, adapter_dir, replicas=replicas, slots=slots, backend=backend, engine=engine)
-            serve.run(app, name=engine, route_prefix="/")
+            serve.run(app, name=engine, route_prefix="/")  # returns once every replica warmed up (compiled)
             drive(url, models[: 2 * clients], clients, max_tokens, time_limit)  # first requests: connections, caches
             row = drive(url, models, clients, max_tokens, time_limit)
             stats = _get(f"{url}/v1/stats")["replicas"]
@@ -116,6 +118,7 @@ def run_serve_bench(
             row.update(
                 engine=engine,
                 adapter_loads_per_request=sum(replica["slot_loads"] for replica in stats) / max(served, 1),
+                requests_per_batch=served / max(sum(replica["batches"] for replica in stats), 1),
                 recompiles=sum(replica["recompiles"] for replica in stats),
             )
             rows.append(row)
@@ -126,7 +129,7 @@ def run_serve_bench(
         requests=requests, adapters=adapters, clients=clients, replicas=replicas, slots=slots,
         max_tokens=max_tokens, hidden=hidden, layers=layers, backend=backend, zipf_exponent=exponent,
     )
-    loraswap, peft = rows
+    loraswap, peft = rows[0], rows[-1]
     return {
         "config": config,
         "rows": rows,
@@ -146,11 +149,15 @@ def print_serve(result: dict) -> None:
 
     from .report import print_table
 
-    columns = ("engine", "requests", "failures", "requests/s", "p50 ms", "p99 ms", "adapter loads/request", "recompiles")
+    columns = (
+        "engine", "requests", "failures", "requests/s", "p50 ms", "p99 ms", "adapter loads/request", "requests/batch",
+        "recompiles",
+    )
     rows = [
         (
             row["engine"], row["requests"], row["failures"], f"{row['requests_per_s']:.2f}", f"{row['p50_ms']:.0f}",
-            f"{row['p99_ms']:.0f}", f"{row['adapter_loads_per_request']:.2f}", row["recompiles"],
+            f"{row['p99_ms']:.0f}", f"{row['adapter_loads_per_request']:.2f}", f"{row['requests_per_batch']:.2f}",
+            row["recompiles"],
         )
         for row in result["rows"]
     ]

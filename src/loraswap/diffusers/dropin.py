@@ -10,6 +10,7 @@ to ``target_rank``; compile after that first load.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -18,7 +19,9 @@ from torch import nn
 
 from ..capacity import Capacity
 from ..errors import CapacityError, ModeError
+from ..fused import FusedSlots
 from ..layers import slot_layer_class
+from .fusing import fuse_into_base
 from .model import DEFAULT_DENOISER_TARGETS, ModelHotswap, enable_model_lora_hotswap
 from .naming import NamedAdapters, check_enable, in_target_rank_words, take_over_peft_adapters
 from .pipeline import PipelineSlots, attach, capacities_for
@@ -52,6 +55,7 @@ class PipelineHotswap:
         self.names = NamedAdapters(slot_count)
         self.slots: PipelineSlots | None = None
         self.components_of: dict[str, list[str]] = {}  # adapter name -> components it changes
+        self.fused: dict[str, FusedSlots] = {}  # component -> what fuse_lora merged there; unload(0) unfuses
 
     def attach(self, capacities: Mapping[str, Capacity]) -> None:
         self.slots = attach(self.pipe, capacities, self.names.slot_count, cache_bytes=self.cache_bytes)
@@ -67,6 +71,61 @@ class PipelineHotswap:
             packed = self.slots.load(source, slot, **hub_kwargs)
         self.components_of[name] = [component for component, part in packed.components.items() if part is not None]
         self.names.loaded(name, slot, hotswap)
+
+    def fuse(self, components: Sequence[str] | None, lora_scale: float, adapter_names: Sequence[str] | None) -> None:
+        """diffusers' ``fuse_lora``: the active adapters (or ``adapter_names``) merged into the base weights of
+        ``components`` (see :mod:`.fusing`), in every one or in none; their routing is emptied."""
+        components = self._components_arg(components, "fuse_lora")
+        weights = self.names.fused_weights(adapter_names, lora_scale)
+        attached = {} if self.slots is None else self.slots.components
+        fused: dict[str, FusedSlots] = {}
+        try:
+            for name in components:
+                if name in attached and (handle := fuse_into_base(attached[name].model, weights, name)) is not None:
+                    fused[name] = handle
+        except BaseException:
+            for handle in fused.values():
+                handle.unload(0)
+            raise
+        if not fused:
+            raise ModeError(f"fuse_lora found no loaded adapter active in {components} to fuse")
+        self.fused = fused
+        self._mute()
+
+    def unfuse(self, components: Sequence[str] | None) -> None:
+        """diffusers' ``unfuse_lora``: the base weights of ``components`` back bit for bit, their routing written back."""
+        components = self._components_arg(components, "unfuse_lora")
+        if not self.fused:
+            raise ModeError("unfuse_lora called, but nothing is fused (call fuse_lora first)")
+        for name in components:
+            if name in self.fused:
+                self.fused.pop(name).unload(0)
+        self._mute()
+
+    def unload_all(self) -> None:
+        """diffusers' ``unload_lora_weights``: every adapter dropped; weights that ``fuse_lora`` merged stay merged."""
+        self.fused = {}
+        self.names.unload_all()
+        if self.slots is not None:
+            self.slots.muted = frozenset()
+
+    def _mute(self) -> None:
+        self.slots.muted = frozenset(self.fused)
+        self.names.fused = bool(self.fused)
+        self.names.write()
+
+    def _components_arg(self, components: Sequence[str] | None, verb: str) -> list[str]:
+        """``components`` as diffusers takes it: default from the pipeline class's own ``fuse_lora``/``unfuse_lora``,
+        each one LoRA-loadable (diffusers' ``ValueError`` otherwise)."""
+        if components is None:
+            components = inspect.signature(getattr(type(self.pipe), verb)).parameters["components"].default
+        if not components:
+            raise ValueError("`components` cannot be an empty list.")
+        loadable = self.pipe._lora_loadable_modules
+        for name in components:
+            if name not in loadable:
+                raise ValueError(f"{name} is not found in self._lora_loadable_modules={loadable!r}.")
+        return list(components)
 
     def first_capacities(self, adapters: Sequence[PipelineAdapter]) -> dict[str, Capacity]:
         """Per component: the LoRAs' layers plus its usual LoRA layers, at ``target_rank`` (diffusers' sizing)."""
@@ -122,8 +181,11 @@ def enable_lora_hotswap(
       slot. ``kwargs`` (``weight_name``, ``subfolder``, ...) go to diffusers' ``lora_state_dict``.
     - ``set_adapters(names, adapter_weights=None)`` (blend, also after ``torch.compile``),
       ``delete_adapters(names)``, ``unload_lora_weights()``, ``disable_lora()`` / ``enable_lora()``,
-      ``get_active_adapters()``, ``get_list_adapters()``; ``fuse_lora`` / ``unfuse_lora`` raise
-      :class:`~loraswap.ModeError` (use ``attach(pipe, loras, mode="fused")``).
+      ``get_active_adapters()``, ``get_list_adapters()``, ``fuse_lora(components, lora_scale=1.0,
+      adapter_names=None)`` / ``unfuse_lora(components)`` (the active adapters merged into those components'
+      base weights with loraswap's fused mode where that is exact, else :class:`~loraswap.ModeError`: see
+      :mod:`.fusing`; while fused, the verbs that change adapters raise until ``unfuse_lora`` or
+      ``unload_lora_weights``, which keeps the fused weights as diffusers does).
 
     Capacity: ``adapters`` (the LoRAs to be served) gives each component the union of their targets,
     at once; otherwise the first load sizes it (its layers plus ``target_modules`` per component or the
@@ -179,23 +241,23 @@ def _route_lora_methods(pipe: Any, state: PipelineHotswap) -> None:
                 listed.setdefault(component, []).append(name)
         return listed
 
-    def fused_mode_only(self, *args, **kwargs):
-        raise ModeError(
-            "fuse_lora/unfuse_lora merge into the base weights, which loraswap's slot mode never changes; "
-            "for zero per-step cost use loraswap.diffusers.attach(pipe, loras, mode='fused')"
-        )
+    def fuse_lora(self, components=None, lora_scale=1.0, safe_fusing=False, adapter_names=None, **kwargs):
+        state.fuse(components, lora_scale, adapter_names)
+
+    def unfuse_lora(self, components=None, **kwargs):
+        state.unfuse(components)
 
     methods = {
         "load_lora_weights": load_lora_weights,
         "set_adapters": lambda self, adapter_names, adapter_weights=None: names.set_adapters(adapter_names, adapter_weights),
         "delete_adapters": lambda self, adapter_names: names.delete(adapter_names),
-        "unload_lora_weights": lambda self, *args, **kwargs: names.unload_all(),
+        "unload_lora_weights": lambda self, *args, **kwargs: state.unload_all(),
         "disable_lora": lambda self: names.enable(False),
         "enable_lora": lambda self: names.enable(True),
         "get_active_adapters": lambda self: names.active(),
         "get_list_adapters": get_list_adapters,
-        "fuse_lora": fused_mode_only,
-        "unfuse_lora": fused_mode_only,
+        "fuse_lora": fuse_lora,
+        "unfuse_lora": unfuse_lora,
     }
     for method_name, function in methods.items():
         object.__setattr__(pipe, method_name, types.MethodType(function, pipe))

@@ -11,19 +11,24 @@ verb is a copy into fixed tensors, so a compiled model never recompiles.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..adapter import Adapter
 from ..attach import attach as attach_model
 from ..capacity import Capacity
 from ..errors import CapacityError, ModeError
+from ..fused import FusedSlots
 from ..layers import slot_layer_class
 from ..swap import AdapterSlots
+from .fusing import fuse_into_base
 from .naming import NamedAdapters, check_enable, in_target_rank_words, take_over_peft_adapters
+from .prompts import SCALE_KWARGS, split_scale
 from .reading import component_adapter
 
 # Layers that diffusers and kohya trainers put LoRAs on (PEFT meaning: name suffixes).
@@ -41,6 +46,7 @@ class ModelHotswap:
         self.target_rank = target_rank
         self.names = NamedAdapters(slot_count)
         self.slots: AdapterSlots | None = None
+        self.fused: FusedSlots | None = None  # what fuse_lora merged; unload(0) unfuses
         for name, adapter in taken_over.items():
             self.load(adapter, adapter_name=name, hotswap=False)
 
@@ -52,6 +58,32 @@ class ModelHotswap:
         with in_target_rank_words(self.target_rank):
             self.slots.load(adapter, slot)
         self.names.loaded(name, slot, hotswap)
+
+    def fuse(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        """diffusers' ``fuse_lora``: the active adapters (or ``adapter_names``) merged into the base weights (see
+        :mod:`.fusing`); the routing is emptied so that nothing is added twice."""
+        weights = self.names.fused_weights(adapter_names, lora_scale)
+        label = type(self.model).__name__
+        fused = None if self.slots is None else fuse_into_base(self.model, weights, label)
+        if fused is None:
+            raise ModeError(f"{label}: fuse_lora found no loaded adapter among {sorted(weights) or 'the active ones'} to fuse")
+        self.fused = fused
+        self.names.fused = True
+        self.slots.blend({})
+
+    def unfuse(self) -> None:
+        """diffusers' ``unfuse_lora``: every base weight back bit for bit, the routing written back."""
+        if self.fused is None:
+            raise ModeError(f"{type(self.model).__name__}: unfuse_lora called, but nothing is fused (call fuse_lora first)")
+        self.fused.unload(0)
+        self.fused = None
+        self.names.fused = False
+        self.names.write()
+
+    def unload_all(self) -> None:
+        """diffusers' ``unload_lora``: every adapter dropped; weights that ``fuse_lora`` merged stay merged."""
+        self.fused = None
+        self.names.unload_all()
 
 
 def first_capacity(model: nn.Module, adapter: Adapter, target_rank: int, slot_count: int) -> Capacity:
@@ -115,9 +147,12 @@ def enable_model_lora_hotswap(
     Routed, with diffusers' signatures: ``load_lora_adapter(source, prefix="transformer", hotswap=False,
     adapter_name=..., **kwargs)``, ``set_adapters(names, weights=None)``, ``set_adapter(name)``,
     ``delete_adapters(names)``, ``unload_lora()``, ``disable_lora()`` / ``enable_lora()``,
-    ``active_adapters()``; ``fuse_lora`` / ``unfuse_lora`` raise :class:`~loraswap.ModeError` (use
-    ``loraswap.attach(model, capacity, mode="fused")``). ``slots``: how many adapters can be loaded at
-    once (for ``set_adapters`` over several). An adapter already loaded through diffusers/PEFT is
+    ``active_adapters()``, ``fuse_lora(lora_scale=1.0, adapter_names=None)`` / ``unfuse_lora()`` (the active
+    adapters merged into the base weights with loraswap's fused mode where that is exact, else
+    :class:`~loraswap.ModeError`: see :mod:`.fusing`). ``slots``: how many adapters can be loaded at
+    once (for ``set_adapters`` over several). The strength a forward receives the diffusers way
+    (``model(..., cross_attention_kwargs={"scale": s})``, ``joint_attention_kwargs``, ``attention_kwargs``) is a
+    routing weight: changing it between calls compiles nothing. An adapter already loaded through diffusers/PEFT is
     taken over into slots when ``check_compiled`` allows it ("warn" logs diffusers' warning first).
     """
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -134,25 +169,40 @@ def enable_model_lora_hotswap(
         if adapter is not None:
             state.load(adapter, adapter_name, hotswap)
 
-    def fused_mode_only(self, *args, **kwargs):
-        raise ModeError(
-            f"{type(self).__name__}: fuse_lora/unfuse_lora merge into the base weights, which loraswap's slot mode "
-            "never changes; for zero per-step cost attach with loraswap.attach(model, capacity, mode='fused')"
-        )
-
     methods = {
         "load_lora_adapter": load_lora_adapter,
         "set_adapters": lambda self, adapter_names, weights=None: names.set_adapters(adapter_names, weights),
         "set_adapter": lambda self, adapter_name: names.set_adapters(adapter_name),
         "delete_adapters": lambda self, adapter_names: names.delete(adapter_names),
-        "unload_lora": lambda self: names.unload_all(),
+        "unload_lora": lambda self: state.unload_all(),
         "disable_lora": lambda self: names.enable(False),
         "enable_lora": lambda self: names.enable(True),
         "active_adapters": lambda self: names.active(),
-        "fuse_lora": fused_mode_only,
-        "unfuse_lora": fused_mode_only,
+        "fuse_lora": lambda self, lora_scale=1.0, safe_fusing=False, adapter_names=None: state.fuse(lora_scale, adapter_names),
+        "unfuse_lora": lambda self: state.unfuse(),
     }
     for method_name, function in methods.items():
         object.__setattr__(model, method_name, types.MethodType(function, model))
     object.__setattr__(model, "loraswap_hotswap", state)
+    _route_call_scale(model, names)
     return state
+
+
+def _route_call_scale(model: nn.Module, names: NamedAdapters) -> None:
+    """Make the ``scale`` a forward receives the diffusers way (``cross_attention_kwargs`` / ``joint_attention_kwargs``
+    / ``attention_kwargs``, whichever the model's forward takes) a routing weight: a forward pre-hook takes it out of
+    the kwargs and scales the routing before the (compiled) forward runs. The hook runs outside dynamo, so the
+    scale is never a Python float that a compiled graph guards on: changing it compiles nothing."""
+    parameters = inspect.signature(model.forward).parameters
+    kwarg = next((name for name in SCALE_KWARGS if name in parameters), None)
+    if kwarg is None:
+        return
+
+    @torch._dynamo.disable
+    def take_scale(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        scale, options = split_scale(kwargs.get(kwarg))
+        names.scale_call(scale)
+        rest = {key: value for key, value in kwargs.items() if key != kwarg}
+        return args, rest if options is None else {**rest, kwarg: options}  # as a call that never passed it
+
+    model.register_forward_pre_hook(take_scale, with_kwargs=True)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from ..adapter import Adapter, adapter_from_state_dict
-from ..errors import CapacityError, HotswapError, RankOverCapacityError, SlotError
+from ..errors import CapacityError, HotswapError, ModeError, RankOverCapacityError, SlotError
 from ..routing import BlendWeights
 
 CHECK_COMPILED = ("error", "warn", "ignore")
@@ -55,9 +55,12 @@ class NamedAdapters:
         self.weights: dict[str, float] = {}  # active adapters and their weights
         self.enabled = True
         self.last: str | None = None
+        self.call_scale = 1.0  # the strength of the current forward (diffusers' per-call ``scale``)
+        self.fused = False  # fuse_lora merged the active adapters into the base weights (see .fusing)
 
     def slot_for_load(self, adapter_name: str | None, hotswap: bool) -> tuple[str, int]:
         """The name and slot a load writes, raising diffusers' ``ValueError`` where diffusers does."""
+        self.check_not_fused("load_lora_weights")
         if hotswap:
             name = adapter_name or self.last
             if name not in self.by_name:
@@ -83,9 +86,10 @@ class NamedAdapters:
         self.last = name
         if not hotswap or not self.weights:
             self.weights = {name: 1.0}
-        self._write()
+        self.write()
 
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: Any = None) -> None:
+        self.check_not_fused("set_adapters")
         names = self._known([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
         if adapter_weights is None:
             adapter_weights = [1.0] * len(names)
@@ -102,36 +106,68 @@ class NamedAdapters:
                 "pass one float per adapter"
             )
         self.weights = {name: 1.0 if w is None else float(w) for name, w in zip(names, adapter_weights)}
-        self._write()
+        self.write()
 
     def delete(self, adapter_names: str | Sequence[str]) -> None:
+        self.check_not_fused("delete_adapters")
         for name in self._known([adapter_names] if isinstance(adapter_names, str) else list(adapter_names)):
             self.target.unload(self.by_name.pop(name))
             self.weights.pop(name, None)
             if self.last == name:
                 self.last = None
-        self._write()
+        self.write()
 
     def unload_all(self) -> None:
+        self.fused = False  # fused weights stay, as diffusers keeps them: the drop-in forgets their pristine copy
         if self.target is not None:
             for slot in sorted(set(self.by_name.values())):
                 self.target.unload(slot)
         self.by_name.clear()
         self.weights.clear()
         self.last = None
-        self._write()
+        self.write()
 
     def enable(self, enabled: bool) -> None:
+        self.check_not_fused("enable_lora" if enabled else "disable_lora")
         self.enabled = enabled
-        self._write()
+        self.write()
+
+    def scale_call(self, scale: float) -> None:
+        """Every weight times ``scale`` from the next forward on (a routing write, only when it changes)."""
+        if self.fused and scale != 1.0:
+            raise ModeError(
+                f"a LoRA scale of {scale} was passed, but fuse_lora merged the LoRA at its own lora_scale; call "
+                "unfuse_lora() for per-call strengths, or fuse_lora(lora_scale=...) at the strength you want"
+            )
+        if scale != self.call_scale:
+            self.call_scale = scale
+            if not self.fused:  # fused: the routing stays empty until unfuse_lora writes it back
+                self.write()
+
+    def fused_weights(self, adapter_names: Sequence[str] | None, lora_scale: float) -> dict[int, float]:
+        """Slot -> weight that ``fuse_lora`` merges: the active adapters (or ``adapter_names``) at their
+        ``set_adapters`` weights, times ``lora_scale``."""
+        self.check_not_fused("fuse_lora")
+        names = self.active() if adapter_names is None else self._known(list(adapter_names))
+        return {self.by_name[name]: self.weights.get(name, 1.0) * float(lora_scale) for name in names}
+
+    def check_not_fused(self, verb: str) -> None:
+        if self.fused:
+            raise ModeError(
+                f"{verb}: the LoRA is fused into the base weights; call unfuse_lora() first (or unload_lora_weights() "
+                "to keep the fused weights and drop the adapters)"
+            )
 
     def active(self) -> list[str]:
         return [name for name in self.weights if name in self.by_name] if self.enabled else []
 
-    def _write(self) -> None:
+    def write(self) -> None:
+        """The active adapters' weights (times the call's scale) into the routing, or none when disabled."""
         if self.target is None:
             return
-        weights = {self.by_name[name]: weight for name, weight in self.weights.items() if name in self.by_name}
+        weights = {
+            self.by_name[name]: weight * self.call_scale for name, weight in self.weights.items() if name in self.by_name
+        }
         self.target.blend(weights if self.enabled else {})
 
     def _known(self, names: list[str]) -> list[str]:

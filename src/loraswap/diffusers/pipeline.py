@@ -78,6 +78,7 @@ class PipelineSlots:
         self._prefetcher: ThreadPoolExecutor | None = None
         self._rows: BlendWeights | list[BlendWeights] | None = {0: 1.0}  # per prompt; None: routed per token
         self._written: tuple | None = None  # the rows and call layout the components' tables hold
+        self.muted: frozenset[str] = frozenset()  # components routed to nothing: the drop-in's fuse_lora merged them
         route_calls(pipe, self._call)
 
     @property
@@ -182,8 +183,8 @@ class PipelineSlots:
         rows = dict(weights) if isinstance(weights, Mapping) else [dict(row) for row in weights]
         self._check_layouts()
         with self._all_locks():
-            for component in self.components.values():
-                component.blend(rows)
+            for name, component in self.components.items():
+                component.blend(_unrouted(rows) if name in self.muted else rows)
             self._rows, self._written = rows, None
 
     def _call(self, pipeline_call: Callable, args: tuple, kwargs: dict) -> Any:
@@ -201,12 +202,17 @@ class PipelineSlots:
                     "(route(ids) without per_token) or drop the scale"
                 )
             return
+        if self.muted and layout.scale != 1.0:
+            raise ModeError(
+                f"a LoRA scale of {layout.scale} was passed, but fuse_lora merged the LoRA into {sorted(self.muted)} "
+                "at its own lora_scale; call unfuse_lora() for per-call strengths"
+            )
         if self._written == (id(self._rows), layout):
             return
         with self._all_locks():
             for name, component in self.components.items():
-                module = getattr(self.pipe, name)
-                component.blend(component_rows(self._rows, layout, denoiser=not is_text_encoder(module)))
+                rows = component_rows(self._rows, layout, denoiser=not is_text_encoder(getattr(self.pipe, name)))
+                component.blend(_unrouted(rows) if name in self.muted else rows)
             self._written = (id(self._rows), layout)
 
     def _check_slot(self, slot: int) -> None:
@@ -278,6 +284,11 @@ class FusedPipelineSlots(PipelineSlots):
             for name, component in reversed(done):
                 undo(name, component)
             raise
+
+
+def _unrouted(rows: BlendWeights | Sequence[BlendWeights]) -> BlendWeights | list[BlendWeights]:
+    """``rows`` with every row on the base model."""
+    return {} if isinstance(rows, Mapping) else [{} for _ in rows]
 
 
 class _Locks:

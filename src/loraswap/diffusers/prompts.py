@@ -79,11 +79,8 @@ def call_layout(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> tuple[C
     arguments = bound.arguments
     scale = 1.0
     for name in SCALE_KWARGS:
-        options = arguments.get(name)
-        if isinstance(options, Mapping) and "scale" in options:
-            scale = float(options["scale"])
-            rest = {key: value for key, value in options.items() if key != "scale"}
-            arguments[name] = rest or None  # what a call without the scale passes: the same compiled graph
+        if isinstance(arguments.get(name), Mapping) and "scale" in arguments[name]:
+            scale, arguments[name] = split_scale(arguments[name])
     per_prompt = next((arguments[name] for name in PER_PROMPT_KWARGS if arguments.get(name)), 1)
     layout = CallLayout(
         prompts=_prompt_count(arguments),
@@ -92,6 +89,15 @@ def call_layout(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> tuple[C
         scale=scale,
     )
     return layout, bound.args, bound.kwargs
+
+
+def split_scale(options: Any) -> tuple[float, Any]:
+    """``(scale, the options without it)`` from a ``cross_attention_kwargs``-style dict (``(1.0, options)`` without
+    one). Options left empty become None, what a call without the scale passes: the same compiled graph runs."""
+    if not isinstance(options, Mapping) or "scale" not in options:
+        return 1.0, options
+    rest = {key: value for key, value in options.items() if key != "scale"}
+    return float(options["scale"]), rest or None
 
 
 def _prompt_count(arguments: Mapping[str, Any]) -> int:

@@ -86,12 +86,14 @@ def read_pipeline_adapter(
 ) -> PipelineAdapter:
     """Read ``source`` as ``pipe.load_lora_weights`` would, split per component, in PEFT keys with exact scalings.
 
-    ``hub_kwargs`` (``weight_name``, ``subfolder``, ``revision``, ...) go to diffusers' ``lora_state_dict``.
-    A PEFT adapter directory (``adapter_config.json``) or an :class:`Adapter` goes to the one component
+    ``hub_kwargs`` (``weight_name``, ``subfolder``, ``revision``, ...) go to diffusers' ``lora_state_dict``;
+    ``load_into_transformer_2=True`` gives the file's ``transformer`` part to ``transformer_2`` instead, as
+    Wan 2.2's ``load_lora_weights`` does (its low-noise expert). A PEFT adapter directory (``adapter_config.json``) or an :class:`Adapter` goes to the one component
     that has every layer it targets.
     """
     if isinstance(source, PipelineAdapter):
         return source
+    into_transformer_2 = bool(hub_kwargs.pop("load_into_transformer_2", False))
     components = lora_components(pipe)
     if isinstance(source, Adapter) or _is_peft_directory(source):
         adapter = load_adapter(source, allow_pickle=allow_pickle)
@@ -111,7 +113,21 @@ def read_pipeline_adapter(
         adapters[name] = component_adapter(part, alphas, config or None, module, f"{label}:{name}")
     if not adapters:
         raise AdapterFormatError(f"{label}: holds no LoRA tensors for any of {sorted(components)}")
+    if into_transformer_2:
+        adapters = _into_transformer_2(adapters, components, label)
     return PipelineAdapter(adapters, label)
+
+
+def _into_transformer_2(adapters: Mapping[str, Adapter], components: Mapping[str, nn.Module], label: str) -> dict[str, Adapter]:
+    """The ``transformer`` part given to ``transformer_2`` (diffusers' ``load_into_transformer_2=True``)."""
+    if "transformer_2" not in components or "transformer" not in adapters:
+        raise CapacityError(
+            f"{label}: load_into_transformer_2=True needs a pipeline with a transformer_2 (Wan 2.2) and a LoRA with "
+            f"transformer keys; this pipeline has {sorted(components)} and the LoRA targets {sorted(adapters)}"
+        )
+    moved = {name: adapter for name, adapter in adapters.items() if name != "transformer"}
+    moved["transformer_2"] = adapters["transformer"]
+    return moved
 
 
 def component_adapter(

@@ -2,8 +2,8 @@
 
 Routing: the ingress sends a request for adapter ``a`` with ``multiplexed_model_id=a``, so Ray Serve
 prefers a replica whose multiplexing cache holds ``a``; the base model goes to any replica. Inside a
-replica, ``@serve.batch`` gathers the rows of concurrent requests, whatever their adapters, and the
-engine answers them with one routed forward per step (:mod:`loraswap.serve.model`).
+replica, a :class:`~loraswap.serve.batcher.Batcher` gathers the rows of concurrent requests, whatever
+their adapters, and the engine answers them with one routed forward per step (:mod:`loraswap.serve.model`).
 
 Eviction from Ray's multiplexing cache is safe under concurrent requests because it frees nothing:
 the cached "model" is the adapter's name, validated and packed into the host cache. Which adapters
@@ -21,10 +21,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+import torch
 from ray import serve
 
-from ..errors import HotswapError
-from .model import CompletionRow, model_kind, resolve_model_folder, served_adapters
+from ..errors import HotswapError, ModeError
+from .batcher import Batcher
+from .model import TEXT_ENGINES, CompletionRow, model_kind, resolve_model_folder, served_adapters
 from .openai import CompletionRequest, ImageRequest, completion_response, error_body, images_response, model_list
 
 api = FastAPI(title="loraswap")
@@ -42,8 +44,12 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 def _refused(model: str, err: HotswapError) -> JSONResponse:
-    """400 for a request loraswap refuses: an adapter that fails validation, an image size not compiled."""
-    return _error(400, f"{model}: {err}", getattr(err, "param", "model"))
+    """400 for a request loraswap refuses: an adapter that fails validation, an image size not compiled.
+
+    Raised in a replica, ``err`` arrives as Ray's ``RayTaskError`` whose text is the replica's traceback;
+    the client gets the message of the error itself (``err.cause``)."""
+    cause = getattr(err, "cause", err)
+    return _error(400, f"{model}: {cause}", getattr(cause, "param", "model"))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -67,12 +73,12 @@ class Replica:
     def __init__(self, folder: str, adapters: Mapping[str, str], board, options: Mapping[str, Any]) -> None:
         from .model import make_engine
 
+        torch.set_num_threads(options["threads"])  # replicas share the machine's cores instead of oversubscribing them
         self.engine = make_engine(folder, adapters, options)
         self.engine.warm_up()
         self.board = board
         self.name = serve.get_replica_context().replica_id.unique_id
-        self._complete_rows.set_max_batch_size(options["max_batch"])
-        self._image_requests.set_max_batch_size(options["max_batch"])
+        self.batcher = Batcher(self._run_batch, options["max_batch"], after_batch=self._report)
         self.resident = serve.multiplexed(max_num_models_per_replica=options["slots"])(self._validator())
         self._report()
 
@@ -89,32 +95,26 @@ class Replica:
 
     def _report(self) -> None:
         """Send this replica's figures to the board without waiting (``/v1/stats`` may lag a request)."""
-        self.board.report.remote(self.name, self.engine.stats())
+        self.board.report.remote(self.name, {**self.engine.stats(), "batches": self.batcher.batches})
+
+    def _run_batch(self, items: list[CompletionRow] | list[tuple[str | None, ImageRequest]]) -> list:
+        """One batch of completion rows or of ``(adapter, image request)`` pairs, in the batcher's worker thread."""
+        if isinstance(items[0], CompletionRow):
+            return self.engine.complete(items)
+        return self.engine.generate(items)
 
     async def complete(self, rows: list[CompletionRow]):
         adapter = serve.get_multiplexed_model_id() or None
         if adapter is not None:
             await self.resident(adapter)
-        return await asyncio.gather(*(self._complete_rows(row) for row in rows))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _complete_rows(self, rows: list[CompletionRow]):
-        results = await asyncio.to_thread(self.engine.complete, rows)
-        self._report()
-        return results
+        return await asyncio.gather(*(self.batcher.submit(row) for row in rows))
 
     async def images(self, request: ImageRequest) -> list[str]:
         adapter = serve.get_multiplexed_model_id() or None
         self.engine.check_size(request)
         if adapter is not None:
             await self.resident(adapter)
-        return await self._image_requests((adapter, request))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _image_requests(self, requests: list[tuple]) -> list[list[str]]:
-        images = await asyncio.to_thread(self.engine.generate, requests)
-        self._report()
-        return images
+        return await self.batcher.submit((adapter, request))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -137,7 +137,7 @@ class Ingress:
             return _error(404, f"The model `{model}` does not exist; GET /v1/models lists the {len(self.adapters) + 1} served", "model")
         wanted = "text" if endpoint == "completions" else "images"
         if self.kind != wanted:
-            return _error(404, f"/v1/{endpoint} is not served: {self.base} is a {self.kind} model", "model")
+            return _error(404, f"/v1/{endpoint} is not served: {self.base} is {'a text' if self.kind == 'text' else 'an image'} model", "model")
         return None
 
     def _handle(self, model: str):
@@ -192,16 +192,26 @@ def build_app(
     backend: str = "inductor",
     engine: str = "loraswap",
     sizes: Sequence[str] = ("64x64",),
+    threads: int | None = None,
 ):
     """The Ray Serve application serving MODEL with every adapter in the folder ``adapters``.
 
     ``engine="peft"`` serves the same endpoints with PEFT's eager model inside the replicas (the
-    baseline of ``loraswap bench serve``). ``sizes``: the image sizes a pipeline serves (each compiled at warm-up).
+    baseline of ``loraswap bench serve``); ``"loraswap-per-adapter"`` with loraswap's engine that splits
+    each batch into one ``generate()`` per adapter, as PEFT must (to measure what mixed batches gain). ``sizes``: the image sizes a pipeline serves (each compiled at warm-up).
+    ``threads``: torch threads per replica; by default this machine's cores shared among the replicas (on a
+    cluster, give the cores each replica gets).
     """
+    if engine not in TEXT_ENGINES:
+        raise ModeError(f"engine {engine!r} is not one of {', '.join(TEXT_ENGINES)}; pick one of those")
     folder = resolve_model_folder(model)
     kind = model_kind(folder)
     named = served_adapters(adapters)
-    options = {"slots": slots, "max_batch": max_batch, "backend": backend, "engine": engine, "kind": kind, "sizes": tuple(sizes)}
+    threads = threads or max(1, (os.cpu_count() or 1) // replicas)
+    options = {
+        "slots": slots, "max_batch": max_batch, "backend": backend, "engine": engine, "kind": kind, "sizes": tuple(sizes),
+        "threads": threads,
+    }
     board = StatsBoard.bind()
     replica = Replica.options(num_replicas=replicas, max_ongoing_requests=4 * max_batch).bind(str(folder), named, board, options)
     return Ingress.options(max_ongoing_requests=64 * replicas).bind(replica, board, Path(model).name, list(named), kind)

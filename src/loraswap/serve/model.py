@@ -97,6 +97,15 @@ def pool_batches(indices: Sequence[int], adapters: Sequence[str | None], max_row
     return batches
 
 
+def adapter_batches(indices: Sequence[int], adapters: Sequence[str | None], max_rows: int) -> list[list[int]]:
+    """``indices`` grouped by adapter (in order of first use), each group cut into batches of ``max_rows``:
+    one adapter per batch, as PEFT's ``set_adapter`` needs."""
+    by_adapter: dict[str | None, list[int]] = {}
+    for index in indices:
+        by_adapter.setdefault(adapters[index], []).append(index)
+    return [group[start : start + max_rows] for group in by_adapter.values() for start in range(0, len(group), max_rows)]
+
+
 def refused_adapters(adapters: Mapping[str, str], model: torch.nn.Module) -> dict[str, HotswapError]:
     """The adapters that cannot be served on ``model`` (unreadable, unsupported, a target it lacks), with why.
 
@@ -213,10 +222,12 @@ class TextEngine(_TextModel):
         slots: int = 4,
         max_batch: int = 8,
         backend: str = "inductor",
+        mixed: bool = True,
     ) -> None:
         import loraswap
 
         super().__init__(folder, adapters, max_batch)
+        self.mixed = mixed  # False: one adapter per generate(), as PEFT does (``bench serve``'s comparison)
         self.refused = refused_adapters(self.adapters, self.model)
         usable = [path for name, path in self.adapters.items() if name not in self.refused]
         capacity = loraswap.Capacity.for_adapters(usable, model=self.model, slots=slots, max_batch=max_batch, max_blend=1)
@@ -253,7 +264,10 @@ class TextEngine(_TextModel):
         }
 
     def _batches(self, indices: Sequence[int], rows: Sequence[CompletionRow]) -> list[list[int]]:
-        return pool_batches(indices, [row.adapter for row in rows], self.max_batch, self.pool.slot_count)
+        adapters = [row.adapter for row in rows]
+        if not self.mixed:
+            return adapter_batches(indices, adapters, self.max_batch)
+        return pool_batches(indices, adapters, self.max_batch, self.pool.slot_count)
 
     def _routed(self, adapters: Sequence[str | None]):
         return self.pool.route(list(adapters))
@@ -286,11 +300,8 @@ class PeftTextEngine(_TextModel):
         return {"recompiles": 0, "slot_loads": self.loads, "host_hits": self.hits, "requests": self.requests}
 
     def _batches(self, indices: Sequence[int], rows: Sequence[CompletionRow]) -> list[list[int]]:
-        """One batch per adapter (PEFT's ``set_adapter`` applies to the whole model), in order of first use."""
-        by_adapter: dict[str | None, list[int]] = {}
-        for index in indices:
-            by_adapter.setdefault(rows[index].adapter, []).append(index)
-        return [group[start : start + self.max_batch] for group in by_adapter.values() for start in range(0, len(group), self.max_batch)]
+        """One batch per adapter (PEFT's ``set_adapter`` applies to the whole model)."""
+        return adapter_batches(indices, [row.adapter for row in rows], self.max_batch)
 
     @contextmanager
     def _routed(self, adapters: Sequence[str | None]):
@@ -324,11 +335,16 @@ class PeftTextEngine(_TextModel):
             self.model.delete_adapter(evicted)
 
 
+TEXT_ENGINES = ("loraswap", "loraswap-per-adapter", "peft")  # what ``build_app(engine=...)`` runs in the replicas
+
+
 def make_engine(folder: str, adapters: Mapping[str, str], options: Mapping[str, Any]):
     """The engine a replica runs: loraswap or the PEFT baseline for text, loraswap for images."""
     if options["kind"] == "images":
         from .images import ImageEngine
 
         return ImageEngine(folder, adapters, slots=options["slots"], sizes=options["sizes"], backend=options["backend"])
-    engine = {"loraswap": TextEngine, "peft": PeftTextEngine}[options["engine"]]
-    return engine(folder, adapters, slots=options["slots"], max_batch=options["max_batch"], backend=options["backend"])
+    sizes = {"slots": options["slots"], "max_batch": options["max_batch"], "backend": options["backend"]}
+    if options["engine"] == "peft":
+        return PeftTextEngine(folder, adapters, **sizes)
+    return TextEngine(folder, adapters, mixed=options["engine"] != "loraswap-per-adapter", **sizes)
