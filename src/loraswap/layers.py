@@ -107,8 +107,8 @@ class SlotLayer(nn.Module):
             delta = delta * (routing * self.scale).to(delta.dtype)
         else:
             weights = (routing.unsqueeze(-1) * self.scale.unsqueeze(-1)).to(hidden.dtype)
-            lora_B = self.lora_B.permute(1, 0, 2).reshape(out, slots * rank)
-            delta = (hidden * weights).reshape(hidden.shape[0], slots * rank) @ lora_B.t()
+            lora_B_t = self._rank_major_B().reshape(slots * rank, out)
+            delta = (hidden * weights).reshape(hidden.shape[0], slots * rank) @ lora_B_t
         if self.lora_bias is not None:
             delta = delta + self._bias_delta(routing * self.scale)
         return delta
@@ -122,6 +122,11 @@ class SlotLayer(nn.Module):
         slot_ids = self.row_slots[row]
         return slot_ids, self.row_terms[row] * self.scale[slot_ids]
 
+    def _rank_major_B(self) -> torch.Tensor:
+        """``lora_B`` as ``[slots, R, out]``: the order the layout stores it in (rank row ``k`` holds ``lora_B[:, k]``
+        contiguously, see :mod:`loraswap.layout`), so gathering rows of it reads contiguous memory."""
+        return self.lora_B.transpose(1, 2)
+
     def _gathered_expand(self, hidden: torch.Tensor, slot_ids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """Gathered kernel: shrunk activations ``[B, P, K, R]`` -> delta ``[B, P, out]`` through each row's ``lora_B``.
 
@@ -129,14 +134,13 @@ class SlotLayer(nn.Module):
         scales each term's shrunk activations and one batched matmul sums the terms.
         """
         batch, positions, terms, rank = hidden.shape
-        lora_B = self.lora_B[slot_ids]  # [B, K, out, R]
+        lora_B_t = self._rank_major_B()[slot_ids]  # [B, K, R, out]
         if terms == 1:
-            delta = torch.bmm(hidden.reshape(batch, positions, rank), lora_B[:, 0].transpose(1, 2))
+            delta = torch.bmm(hidden.reshape(batch, positions, rank), lora_B_t[:, 0])
             delta = delta * coef.to(delta.dtype)[:, :, None]
         else:
             hidden = hidden * coef.to(hidden.dtype)[:, None, :, None]
-            lora_B = lora_B.permute(0, 2, 1, 3).reshape(batch, -1, terms * rank)
-            delta = torch.bmm(hidden.reshape(batch, positions, terms * rank), lora_B.transpose(1, 2))
+            delta = torch.bmm(hidden.reshape(batch, positions, terms * rank), lora_B_t.reshape(batch, terms * rank, -1))
         if self.lora_bias is not None:
             bias = torch.bmm(coef.to(self.lora_bias.dtype)[:, None, :], self.lora_bias[slot_ids])
             delta = delta + bias.to(delta.dtype)
