@@ -90,19 +90,28 @@ def run_suite(root: Path, implementation: str, report: Path, extra_args: list[st
     return run_pytest(command, root, env, report, implementation)
 
 
-def run_pytest(command: list[str], root: Path, env: dict[str, str], report: Path, implementation: str) -> dict:
-    """Run one pytest ``command`` in ``root``: exit code, seconds, last output line, outcomes from ``report``, log."""
+def run_pytest(
+    command: list[str], root: Path, env: dict[str, str], report: Path, implementation: str, log: Path | None = None
+) -> dict:
+    """Run one pytest ``command`` in ``root``: exit code, seconds, last output line, outcomes from ``report``, log.
+    With ``log``, the output is written there as it comes (a long run can be followed, and an interrupted one read)."""
     start = time.perf_counter()
-    completed = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True)
+    if log is None:
+        completed = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True)
+        output = completed.stdout + completed.stderr
+    else:
+        with log.open("w") as stream:
+            completed = subprocess.run(command, check=False, cwd=root, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        output = log.read_text()
     seconds = time.perf_counter() - start
-    tail = (completed.stdout + completed.stderr).strip().splitlines()[-1:] or [""]
+    tail = output.strip().splitlines()[-1:] or [""]
     return {
         "implementation": implementation,
         "exit_code": completed.returncode,
         "seconds": round(seconds, 1),
         "summary": tail[0],
         "outcomes": read_outcomes(report) if report.exists() else {},
-        "log": completed.stdout + completed.stderr,
+        "log": output,
     }
 
 def read_outcomes(report: Path) -> dict[str, str]:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
 
 import loraswap
 import loraswap.diffusers as lsd
-from loraswap.synthetic_diffusers import tiny_unet
+from loraswap.synthetic_diffusers import tiny_unet, write_model_lora
 
 # Layers of the first LoRA (a conv among them) and others the second adds; ranks differ, the third is too big.
 MODEL_LORAS = {
@@ -29,14 +28,10 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     directory = tmp_path_factory.mktemp("model-loras")
-    files = {}
-    for seed, (name, options) in enumerate(MODEL_LORAS.items()):
-        model = tiny_unet()
-        torch.manual_seed(seed)
-        model.add_adapter(LoraConfig(init_lora_weights=False, **options), adapter_name=name)
-        model.save_lora_adapter(directory / name, adapter_name=name)
-        files[name] = str(directory / name / "pytorch_lora_weights.safetensors")
-    return files
+    return {
+        name: write_model_lora(tiny_unet(), directory, name, seed=seed, **options)
+        for seed, (name, options) in enumerate(MODEL_LORAS.items())
+    }
 
 
 @pytest.fixture(scope="module")

@@ -446,3 +446,83 @@ def tiny_qwenimage_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Tiny configs of diffusers' transformer models (their own test configs' sizes), with inputs for one forward.
+TINY_TRANSFORMERS: dict[str, tuple[str, dict]] = {
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    )),
+    "flux2": ("Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+    )),
+    "chroma": ("ChromaTransformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1,
+    )),
+    "qwenimage": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )),
+    "motif_video": ("MotifVideoTransformer3DModel", dict(
+        in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+        num_single_layers=1, num_decoder_layers=0, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+        norm_type="layer_norm", text_embed_dim=32, image_embed_dim=4, rope_theta=256.0, rope_axes_dim=(4, 4, 4),
+        enable_text_cross_attention_dual=False, enable_text_cross_attention_single=False,
+    )),
+    "nucleusmoe_image": ("NucleusMoEImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False, capacity_factors=[8.0, 8.0],
+    )),
+}  # fmt: skip
+
+
+def tiny_transformer(name: str, seed: int = 0) -> nn.Module:
+    """A random-init diffusers transformer of :data:`TINY_TRANSFORMERS` (``name``: flux, flux2, chroma, ...)."""
+    import diffusers
+
+    class_name, config = TINY_TRANSFORMERS[name]
+    torch.manual_seed(seed)
+    return getattr(diffusers, class_name)(**config).eval()
+
+
+def tiny_transformer_inputs(name: str, seed: int = 0) -> dict:
+    """Keyword inputs for one forward of :func:`tiny_transformer` ``(name)``: batch 1, a 4x4 latent (16 tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    timestep = torch.tensor([1.0])
+    if name in ("flux", "chroma"):
+        pooled = {"pooled_projections": randn(1, 32)} if name == "flux" else {}
+        return dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 12, 32), img_ids=randn(16, 3),
+                    txt_ids=randn(12, 3), timestep=timestep, **pooled)  # fmt: skip
+    if name == "flux2":
+        image_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
+        text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(12))
+        return dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 12, 32), img_ids=image_ids[None],
+                    txt_ids=text_ids[None], timestep=timestep, guidance=torch.tensor([1.0]))  # fmt: skip
+    if name in ("qwenimage", "nucleusmoe_image"):
+        return dict(hidden_states=randn(1, 16, 16), encoder_hidden_states=randn(1, 8, 16),
+                    encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.long), timestep=timestep,
+                    img_shapes=[(1, 4, 4)])  # fmt: skip
+    if name == "motif_video":
+        return dict(hidden_states=randn(1, 33, 3, 4, 4), encoder_hidden_states=randn(1, 12, 32),
+                    timestep=torch.tensor([500]))  # fmt: skip
+    raise KeyError(f"no tiny inputs for transformer {name!r}; known: {sorted(TINY_TRANSFORMERS)}")
+
+
+def write_model_lora(model: nn.Module, directory: str | Path, name: str, seed: int = 0, **lora_options) -> str:
+    """A random LoRA (PEFT ``LoraConfig(init_lora_weights=False, **lora_options)``) on a diffusers model, written
+    by diffusers' ``save_lora_adapter`` to ``directory/name``; returns the file. ``model`` keeps the adapter (pass
+    a throwaway one)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    model.add_adapter(LoraConfig(init_lora_weights=False, **lora_options), adapter_name=name)
+    model.save_lora_adapter(Path(directory) / name, adapter_name=name)
+    return str(Path(directory) / name / "pytorch_lora_weights.safetensors")
