@@ -229,35 +229,39 @@ class SlotLayout:
         """The live rows of a zero slot."""
         return tuple((0,) * len(group.blocks) for group in self.groups)
 
+    def _rows_beyond(self, weights: Sequence[torch.Tensor], live: LiveRows, previous: LiveRows) -> list[torch.Tensor]:
+        """Per block of one slot row, the rank rows ``previous`` filled beyond ``live``: what writing an adapter
+        that fills ``live`` (or zeroing, with :meth:`empty_rows`) must zero."""
+        return [
+            row[block.span(rows, old)]
+            for group, row in enumerate(weights)
+            for block, rows, old in zip(self.groups[group].blocks, live[group], previous[group])
+            if old > rows
+        ]
+
     def write_packed(
         self, packed: PackedAdapter, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], previous: LiveRows
     ) -> None:
         """Make one slot row (``weights``/``scales``: one tensor per group), whose rank rows past ``previous`` are
         zero, hold exactly ``packed``: copy its live rows, zero the rows ``previous`` filled beyond them."""
-        destinations, sources, stale = [], [], []
+        destinations, sources = [], []
         for group, (row, source) in enumerate(zip(weights, packed.weights)):
-            for block, live, old in zip(self.groups[group].blocks, packed.live_rows[group], previous[group]):
+            for block, live in zip(self.groups[group].blocks, packed.live_rows[group]):
                 if live:
                     destinations.append(row[block.span(0, live)])
                     sources.append(source[block.span(0, live)])
-                if old > live:
-                    stale.append(row[block.span(live, old)])
             bias = self.groups[group].bias
             if bias is not None:
                 destinations.append(row[bias])
                 sources.append(source[bias])
+        stale = self._rows_beyond(weights, packed.live_rows, previous)
         if stale:
             torch._foreach_zero_(stale)
         torch._foreach_copy_([*destinations, *scales], [*sources, *packed.scales], non_blocking=True)
 
     def zero_rows(self, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], previous: LiveRows) -> None:
         """Zero one slot row whose rank rows past ``previous`` are zero already."""
-        spans = [
-            row[block.span(0, old)]
-            for group, row in enumerate(weights)
-            for block, old in zip(self.groups[group].blocks, previous[group])
-            if old
-        ]
+        spans = self._rows_beyond(weights, self.empty_rows(), previous)
         spans += [row[group.bias] for group, row in zip(self.groups, weights) if group.bias is not None]
         if spans or scales:
             torch._foreach_zero_([*spans, *scales])
@@ -325,12 +329,7 @@ class SlotLayout:
                 sources.append(layer.lora_bias)
             scale_values[place.group][place.scale_index] = layer.scaling
         if previous is not None:
-            pads += [
-                row[block.span(rows, old)]
-                for group, row in enumerate(weights)
-                for block, rows, old in zip(self.groups[group].blocks, live[group], previous[group])
-                if old > rows
-            ]
+            pads += self._rows_beyond(weights, live, previous)
         pads = [pad for pad in pads if pad.numel()]
         if pads:
             torch._foreach_zero_(pads)
