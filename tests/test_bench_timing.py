@@ -1,4 +1,4 @@
-"""The benchmarks' statistics: rotating alternation and the paired-difference confidence interval."""
+"""The benchmarks' statistics: alternation in random orders and the paired-difference confidence interval."""
 
 from __future__ import annotations
 
@@ -7,12 +7,19 @@ import random
 from loraswap.bench.timing import alternating_samples, paired_difference
 
 
-def test_alternating_samples_rotate_the_order_every_round():
+def test_alternating_samples_run_every_mode_once_a_round_after_varied_neighbours():
     calls = []
-    modes = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    samples = alternating_samples(modes, rounds=3, warmup=0)
-    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert {name: len(values) for name, values in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    modes = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    samples = alternating_samples(modes, rounds=40, warmup=0)
+    rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert all(sorted(names) == list("abcd") for names in rounds)
+    pairs = [(order[i - 1], order[i]) for order in rounds for i in range(1, 4)]
+    predecessors = {name: {before for before, after in pairs if after == name} for name in "abcd"}
+    assert predecessors == {name: set("abcd") - {name} for name in "abcd"}  # within a round: every other mode
+    assert {name: len(values) for name, values in samples.items()} == {name: 40 for name in "abcd"}
+    calls.clear()
+    alternating_samples(modes, rounds=40, warmup=0)
+    assert [calls[i : i + 4] for i in range(0, len(calls), 4)] == rounds  # seeded: the same orders every run
 
 
 def test_paired_difference_interval_covers_the_true_median_at_its_level():

@@ -130,7 +130,7 @@ def test_plan_pipeline_equals_loraswap_diffusers_attach(capsys, sd_pipeline, mix
     expected, _ = loraswap_diffusers.capacities_for(pipe, files, slots=2)
     assert result["capacities"] == json.loads(json.dumps({k: capacity_dict(v) for k, v in expected.items()}))
     attached = loraswap_diffusers.attach(copy.deepcopy(pipe), expected, cache_bytes=0)
-    storage = [t for part in attached.components.values() for t in (*part.storage.weights, *part.storage.scales)]
+    storage = [t for part in attached.components.values() for t in part.storage.tensors]
     assert result["slot_bytes"] * 2 == sum(t.numel() * t.element_size() for t in storage)
     code, out, _ = run_cli(capsys, "plan", mixed_folder, "--model", pipe_dir, "--json")
     fits = {fit["source"].rsplit("/", 1)[-1]: fit["fits"] for fit in json.loads(out)["adapters"]}
@@ -166,7 +166,7 @@ def test_plan_capacity_equals_for_adapters_and_attach_bytes(
         assert result["capacity"] == json.loads(json.dumps(capacity_dict(expected)))
         model = copy.deepcopy(llama_base)
         slots = loraswap.attach(model, expected, cache_bytes=0)
-        device = sum(t.numel() * t.element_size() for t in (*slots.storage.weights, *slots.storage.scales))
+        device = sum(t.numel() * t.element_size() for t in slots.storage.tensors)
         assert result["slot_bytes"] * 3 == device
         assert result["slot_bytes"] == slots.layout.slot_nbytes
         assert result["host_cache_bytes"] == len(paths) * result["slot_bytes"]

@@ -78,7 +78,7 @@ def generate(pipe, prompt="a cat", **kwargs):
 
 def storage_snapshot(pipeline_slots):
     return {
-        name: [t.clone() for t in (*slots.storage.weights, *slots.storage.scales)]
+        name: [t.clone() for t in slots.storage.tensors]
         for name, slots in pipeline_slots.components.items()
     }
 

@@ -1,5 +1,6 @@
-"""A swap copies only the rank rows an adapter fills and zeroes only what the slot's previous adapter left
-beyond them; the slot must still hold exactly the zero-padded adapter, whatever was loaded there before."""
+"""A swap copies only the rank rows an adapter fills (and the slot's live mask); rows past them keep whatever a
+previous adapter left there, masked out. What every layer serves must still be exactly the zero-padded adapter,
+whatever was loaded before, and the outputs exactly those of a slot that only ever held it."""
 
 from __future__ import annotations
 
@@ -23,14 +24,29 @@ CAPACITIES = {
 STEPS = st.lists(st.tuples(st.sampled_from([*NAMES, None]), st.booleans()), min_size=1, max_size=8)
 
 
-def slot_row(slots, slot: int) -> list[torch.Tensor]:
-    return [t[slot] for t in (*slots.storage.weights, *slots.storage.scales)]
+def served(layout, weights, scales, live) -> list[torch.Tensor]:
+    """What the forward reads of one slot row (one tensor per group in each of ``weights``/``scales``/``live``), per
+    layer: ``lora_A``/``lora_B`` with the rank rows that are not live zeroed, the scale and the bias; then the live
+    masks."""
+    tensors = []
+    for name, place in layout.placements.items():
+        group = place.group
+        lora_A, lora_B, scale, rows, bias = layout.views(weights[group], scales[group], live[group], name)
+        tensors += [lora_A * rows.reshape(-1, *[1] * (lora_A.dim() - 1)), lora_B * rows, scale]
+        tensors += [] if bias is None else [bias]
+    return tensors + list(live)
+
+
+def served_by_slot(slots, slot: int) -> list[torch.Tensor]:
+    storage = slots.storage
+    rows = ([tensor[slot] for tensor in part] for part in (storage.weights, storage.scales, storage.live))
+    return served(slots.layout, *rows)
 
 
 def padded(slots, path) -> list[torch.Tensor]:
-    """The adapter zero-padded into a whole slot row: what a copy of every padded byte would leave in a slot."""
+    """What a slot layer would serve of the adapter zero-padded into a whole fresh slot row."""
     packed = slots.read_packed(path)
-    return [*packed.weights, *packed.scales]
+    return served(slots.layout, packed.weights, packed.scales, packed.live)
 
 
 @pytest.fixture(scope="module", params=list(CAPACITIES))
@@ -44,7 +60,7 @@ def attached(request, llama_base, llama_adapters):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=STEPS)
-def test_after_any_sequence_of_loads_a_slot_holds_exactly_the_padded_adapter(attached, llama_adapters, steps):
+def test_after_any_sequence_of_loads_a_slot_serves_exactly_the_padded_adapter(attached, llama_adapters, steps):
     """Loads of larger and smaller ranks and other targets, unloads, through the cache and straight from the file."""
     cached, direct, expected = attached
     for name, through_cache in steps:
@@ -53,8 +69,9 @@ def test_after_any_sequence_of_loads_a_slot_holds_exactly_the_padded_adapter(att
             slots.unload(1)
         else:
             slots.load(llama_adapters[name], slot=1)
-        want = expected[name] if name is not None else [torch.zeros_like(t) for t in slot_row(slots, 1)]
-        for got, reference in zip(slot_row(slots, 1), want, strict=True):
+        serves = served_by_slot(slots, 1)
+        want = expected[name] if name is not None else [torch.zeros_like(t) for t in serves]
+        for got, reference in zip(serves, want, strict=True):
             assert torch.equal(got, reference)
 
 
@@ -73,9 +90,23 @@ def test_swaps_down_in_rank_give_the_fresh_slots_outputs_compiled_without_recomp
         with torch.no_grad():
             fresh[name] = reference(llama_tokens).logits
     order = [name for previous in NAMES for name in (previous, *NAMES)]  # every adapter right after every other
+    masked_stale_rows = False
     with torch.no_grad():
         compiled(llama_tokens)
         with loraswap.no_recompile():
             for name in order:
                 slots.load(llama_adapters[name])
                 assert torch.equal(compiled(llama_tokens).logits, fresh[name]), name
+                masked_stale_rows |= holds_rows_past_live(slots, 0)
+    assert masked_stale_rows, "no swap down in rank left rows behind: the mask was never exercised"
+
+
+def holds_rows_past_live(slots, slot: int) -> bool:
+    """Whether some layer's ``lora_A`` in ``slot`` holds non-zero values in rank rows that are not live."""
+    for name, place in slots.layout.placements.items():
+        group = place.group
+        rows = [part[group][slot] for part in (slots.storage.weights, slots.storage.scales, slots.storage.live)]
+        lora_A, _, _, live, _ = slots.layout.views(*rows, name)
+        if lora_A[~live].any():
+            return True
+    return False

@@ -101,10 +101,9 @@ def attach(
     note_replaced_layer_types(type(module) for _, module, _ in targets)
     for name, module, layer_class in targets:
         place = layout.placements[name]
-        lora_A, lora_B, scale, lora_bias = layout.views(
-            storage.weights[place.group], storage.scales[place.group], name
-        )
-        slot_layer = shards.layer_class(name, layer_class)(module, lora_A, lora_B, scale, lora_bias, router)
+        group = place.group
+        buffers = layout.views(storage.weights[group], storage.scales[group], storage.live[group], name)
+        slot_layer = shards.layer_class(name, layer_class)(module, *buffers, router)
         model.set_submodule(name, slot_layer)
     if shards:
         return TensorParallelSlots(model, capacity, layout, storage, router, cache, shards=shards, check_rows=check_rows)

@@ -45,15 +45,22 @@ def _stamp(status: os.stat_result) -> FileStamp:
 def _stamp_of(path: str) -> FileStamp | None:
     try:
         return _stamp(os.stat(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
 def cache_key(source: AdapterSource, revision: str | None = None) -> Hashable:
-    """A key that changes whenever the adapter's bytes on disk may have changed: a few ``stat`` calls."""
+    """A key that changes whenever the adapter's bytes on disk may have changed: two or three ``stat`` calls.
+
+    A warm swap computes it every time, so the common case, a PEFT folder with safetensors weights, is tried
+    first: the stamps of the two files that :func:`~loraswap.adapter.load_adapter` reads there.
+    """
     if isinstance(source, Adapter):
         return ("adapter", id(source))
     path = os.path.expanduser(os.fspath(source))
+    weights = _stamp_of(os.path.join(path, SAFETENSORS_NAME))
+    if weights is not None:
+        return ("dir", _stamp_of(os.path.join(path, CONFIG_NAME)), weights)
     try:
         status = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):

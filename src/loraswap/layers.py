@@ -1,10 +1,13 @@
 """Slot layers: a base layer plus fixed-shape LoRA slot buffers.
 
 Each slot layer holds, as registered buffers that never change shape, dtype, device or storage:
-``lora_A [slots, R, *a_tail]``, ``lora_B [slots, out, R]``, ``scale [slots]`` (float32), an optional
-``lora_bias [slots, out]``, and the routing tensors of :class:`~loraswap.routing.Router`, shared by
-all layers. Its output is ``base(x) + sum_s w_s * scale_s * (B_s A_s x + bias_s)`` with ``w`` the
-row's routing weights; a zero slot or a zero weight adds exactly nothing.
+``lora_A [slots, R, *a_tail]``, ``lora_B [slots, out, R]``, ``scale [slots]`` (float32), ``live [slots, R]``
+(bool: the rank rows the slot's adapter fills), an optional ``lora_bias [slots, out]``, and the routing
+tensors of :class:`~loraswap.routing.Router`, shared by all layers. Its output is
+``base(x) + sum_s w_s * scale_s * (B_s (live_s * A_s x) + bias_s)`` with ``w`` the row's routing weights;
+a rank row that is not live, a zero slot or a zero weight adds exactly nothing. (The mask is a
+``where``, not a product: rank rows past the live ones may hold a previous adapter's values, which
+a swap does not spend time zeroing; see :mod:`loraswap.layout`.)
 
 How a layer picks its kernel: once, in ``__init__`` (at ``attach``), from the router's static
 shapes, stored as the Python attribute ``gathered`` that never changes afterwards (no branch on
@@ -63,6 +66,7 @@ class SlotLayer(nn.Module):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         scale: torch.Tensor,
+        live: torch.Tensor,
         lora_bias: torch.Tensor | None,
         router: Router,
     ) -> None:
@@ -71,6 +75,7 @@ class SlotLayer(nn.Module):
         self.register_buffer("lora_A", lora_A, persistent=False)
         self.register_buffer("lora_B", lora_B, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("live", live, persistent=False)
         self.register_buffer("lora_bias", lora_bias, persistent=False)
         self.register_buffer("row_weights", router.row_weights, persistent=False)
         self.register_buffer("per_token", router.per_token, persistent=False)
@@ -102,6 +107,7 @@ class SlotLayer(nn.Module):
         slot's weight multiplies its shrunk activations, and one expand matmul sums the slots.
         """
         slots, out, rank = self.lora_B.shape
+        hidden = torch.where(self.live, hidden, 0)
         if slots == 1:
             delta = hidden.reshape(-1, rank) @ self.lora_B[0].t()
             delta = delta * (routing * self.scale).to(delta.dtype)
@@ -134,6 +140,7 @@ class SlotLayer(nn.Module):
         scales each term's shrunk activations and one batched matmul sums the terms.
         """
         batch, positions, terms, rank = hidden.shape
+        hidden = torch.where(self.live[slot_ids][:, None], hidden, 0)
         lora_B_t = self._rank_major_B()[slot_ids]  # [B, K, R, out]
         if terms == 1:
             delta = torch.bmm(hidden.reshape(batch, positions, rank), lora_B_t[:, 0])
@@ -240,12 +247,12 @@ class SlotConv(SlotLayer):
         slots, rank = self.lora_A.shape[:2]
         hidden = self._conv(x, self.lora_A.reshape(slots * rank, *self.lora_A.shape[2:]))
         batch = hidden.shape[0]
+        hidden = torch.where(self.live[:, :, None], hidden.reshape(batch, slots, rank, -1), 0)
         coef = (row_coefficients(self.row_weights, batch) * self.scale).to(hidden.dtype)
         if slots == 1:  # scale the output instead: it fuses into the residual add
-            delta = torch.einsum("brp,or->bop", hidden.reshape(batch, rank, -1), self.lora_B[0]) * coef[:, :, None]
+            delta = torch.einsum("brp,or->bop", hidden[:, 0], self.lora_B[0]) * coef[:, :, None]
         else:
-            hidden = hidden.reshape(batch, slots, rank, -1) * coef[:, :, None, None]
-            delta = torch.einsum("bsrp,sor->bop", hidden, self.lora_B)
+            delta = torch.einsum("bsrp,sor->bop", hidden * coef[:, :, None, None], self.lora_B)
         if self.lora_bias is not None:
             delta = delta + self._bias_delta(coef)[:, :, None]
         return delta

@@ -8,10 +8,17 @@ layer is a view at a fixed offset into row ``s``. Scalings live in ``scales[slot
 A row is stored rank-major (:class:`RankBlock`): the layers that share a capacity rank ``R`` form
 one block of ``R`` rank rows, and rank row ``k`` holds each of those layers' ``lora_A[k]`` and
 ``lora_B[:, k]`` side by side. ``lora_A`` and ``lora_B`` are strided views into it. So an adapter
-of rank ``r`` lives in the block's first ``r`` rows, one contiguous span, and everything after
-them is zero: a swap copies those live rows (one copy per block, not per tensor) and zeroes only
-the rows the slot's previous adapter filled beyond them (:meth:`SlotLayout.write_packed`). The
-slot then holds exactly what a copy of the whole zero-padded adapter would leave there.
+of rank ``r`` lives in the block's first ``r`` rows (its live rows), one contiguous span: a swap
+copies those rows (one copy per block, not per tensor) and nothing else
+(:meth:`SlotLayout.write_packed`).
+
+The rows past them are never zeroed: they may still hold what the slot's previous, larger adapter
+wrote there (finite: validated). Each slot row has a live mask, ``live[slots, rows]`` (bool, one
+entry per rank row of every block), and every kernel selects ``where(live, hidden, 0)`` on the
+shrunk activations, so a rank row past the live ones adds exactly 0 whatever it holds. A swap from
+rank 64 down to 8 thus moves the 8 rows and one small mask, not 56 rows of zeros. Inside the live
+rows the slot holds exactly the zero-padded adapter (the rank padding of its smaller layers and the
+layers it does not target are zeroed there).
 
 :meth:`SlotLayout.pack` validates everything (targets, ranks, shapes, dtypes, finite values)
 before it builds anything, and builds only fresh host tensors: the model is never touched.
@@ -52,6 +59,7 @@ class RankBlock:
     offset: int
     width: int
     rows: int
+    live_offset: int  # where its rows start in the group's live mask row
 
     def span(self, start: int, stop: int) -> slice:
         """Rank rows ``[start, stop)`` of the block, as a slice of the flat row."""
@@ -106,6 +114,11 @@ class Group:
     blocks: tuple[RankBlock, ...]
     bias: slice | None  # every layer's lora_bias, after the blocks
 
+    @property
+    def live_width(self) -> int:
+        """Entries of the group's live mask row: one per rank row of every block."""
+        return sum(block.rows for block in self.blocks)
+
 
 @dataclass(frozen=True)
 class SlotStorage:
@@ -113,6 +126,12 @@ class SlotStorage:
 
     weights: tuple[torch.Tensor, ...]  # per group: [slots, numel]
     scales: tuple[torch.Tensor, ...]  # per group: [slots, layers], float32
+    live: tuple[torch.Tensor, ...]  # per group: [slots, live_width], bool: which rank rows each slot's adapter fills
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a slot layer reads: weights, scales and live masks."""
+        return (*self.weights, *self.scales, *self.live)
 
 
 @dataclass(frozen=True)
@@ -121,14 +140,16 @@ class PackedAdapter:
 
     weights: tuple[torch.Tensor, ...]
     scales: tuple[torch.Tensor, ...]
+    live: tuple[torch.Tensor, ...]  # per group: the slot's live mask row for it
     source: str
     targets: frozenset[str]
     layout: SlotLayout = field(repr=False, compare=False)  # the layout it was packed for: only that one can take it
     live_rows: LiveRows  # the rank rows it fills (the rest of each block is zero): what a swap copies
+    copy_sources: tuple[torch.Tensor, ...] = field(repr=False, compare=False)  # SlotLayout.copy_views of its tensors
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.weights, *self.scales))
+        return sum(t.numel() * t.element_size() for t in (*self.weights, *self.scales, *self.live))
 
     @property
     def live_numel(self) -> tuple[int, ...]:
@@ -187,20 +208,24 @@ class SlotLayout:
     @property
     def slot_nbytes(self) -> int:
         """Bytes one slot (or one cached adapter) takes."""
-        return sum(g.numel * g.dtype.itemsize + g.layers * 4 for g in self.groups)
+        return sum(g.numel * g.dtype.itemsize + g.layers * 4 + g.live_width for g in self.groups)
 
     def allocate(self, slots: int) -> SlotStorage:
         return SlotStorage(
             weights=tuple(torch.zeros(slots, g.numel, dtype=g.dtype, device=g.device) for g in self.groups),
             scales=tuple(torch.zeros(slots, g.layers, dtype=torch.float32, device=g.device) for g in self.groups),
+            live=tuple(torch.zeros(slots, g.live_width, dtype=torch.bool, device=g.device) for g in self.groups),
         )
 
-    def views(self, weights: torch.Tensor, scales: torch.Tensor, name: str):
-        """``(lora_A, lora_B, scale, lora_bias)`` of one layer inside ``weights [..., numel]`` and ``scales [..., layers]``.
+    def views(self, weights: torch.Tensor, scales: torch.Tensor, live: torch.Tensor, name: str):
+        """``(lora_A, lora_B, scale, live, lora_bias)`` of one layer inside ``weights [..., numel]``,
+        ``scales [..., layers]`` and ``live [..., live_width]``.
 
-        ``lora_A [..., R, *a_tail]`` and ``lora_B [..., out, R]`` step ``row_stride`` elements per rank row.
+        ``lora_A [..., R, *a_tail]`` and ``lora_B [..., out, R]`` step ``row_stride`` elements per rank row;
+        ``live [..., R]`` says which of those rows the slot's adapter fills.
         """
         place = self.placements[name]
+        block = self.groups[place.group].blocks[place.block]
         lead, lead_strides = weights.shape[:-1], weights.stride()[:-1]
         a_tail = place.spec.a_tail
         tail_strides = tuple(math.prod(a_tail[i + 1 :]) for i in range(len(a_tail)))
@@ -214,7 +239,8 @@ class SlotLayout:
         bias = None
         if place.bias_offset is not None:
             bias = weights[..., place.bias_offset : place.bias_offset + place.spec.out]
-        return lora_A, lora_B, scales[..., place.scale_index], bias
+        live_rows = live[..., block.live_offset : block.live_offset + block.rows]
+        return lora_A, lora_B, scales[..., place.scale_index], live_rows, bias
 
     def live_rows(self, adapter: Adapter) -> LiveRows:
         """The rank rows of each block that ``adapter`` fills (a validated adapter: every layer has a placement)."""
@@ -225,46 +251,41 @@ class SlotLayout:
             block[place.block] = max(block[place.block], place.filled_rows(layer.rank))
         return tuple(map(tuple, rows))
 
-    def empty_rows(self) -> LiveRows:
-        """The live rows of a zero slot."""
-        return tuple((0,) * len(group.blocks) for group in self.groups)
+    def live_masks(self, live: LiveRows, pin_memory: bool = False) -> tuple[torch.Tensor, ...]:
+        """Per group, the live mask row of an adapter that fills ``live`` (host tensors)."""
+        masks = []
+        for group, rows in zip(self.groups, live):
+            mask = torch.zeros(group.live_width, dtype=torch.bool, pin_memory=pin_memory)
+            for block, filled in zip(group.blocks, rows):
+                mask[block.live_offset : block.live_offset + filled] = True
+            masks.append(mask)
+        return tuple(masks)
 
-    def _rows_beyond(self, weights: Sequence[torch.Tensor], live: LiveRows, previous: LiveRows) -> list[torch.Tensor]:
-        """Per block of one slot row, the rank rows ``previous`` filled beyond ``live``: what writing an adapter
-        that fills ``live`` (or zeroing, with :meth:`empty_rows`) must zero."""
-        return [
-            row[block.span(rows, old)]
-            for group, row in enumerate(weights)
-            for block, rows, old in zip(self.groups[group].blocks, live[group], previous[group])
-            if old > rows
-        ]
+    def copy_views(
+        self,
+        weights: Sequence[torch.Tensor],
+        scales: Sequence[torch.Tensor],
+        live: Sequence[torch.Tensor],
+        live_rows: LiveRows,
+    ) -> tuple[torch.Tensor, ...]:
+        """What a swap of an adapter filling ``live_rows`` copies, as views of one slot row (one tensor per group in
+        each of ``weights``/``scales``/``live``): its live rank rows (one span per block), the biases, the scales
+        and the live masks. The same call on the slot's row and on a :class:`PackedAdapter`'s tensors gives the
+        destinations and sources of one ``_foreach_copy_``; the rows past the live ones keep whatever they held,
+        and the mask keeps them out of every forward (see the module docstring)."""
+        views = []
+        for group, row, filled in zip(self.groups, weights, live_rows):
+            views += [row[block.span(0, rows)] for block, rows in zip(group.blocks, filled) if rows]
+            if group.bias is not None:
+                views.append(row[group.bias])
+        return (*views, *scales, *live)
 
-    def write_packed(
-        self, packed: PackedAdapter, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], previous: LiveRows
+    def zero_rows(
+        self, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], live: Sequence[torch.Tensor]
     ) -> None:
-        """Make one slot row (``weights``/``scales``: one tensor per group), whose rank rows past ``previous`` are
-        zero, hold exactly ``packed``: copy its live rows, zero the rows ``previous`` filled beyond them."""
-        destinations, sources = [], []
-        for group, (row, source) in enumerate(zip(weights, packed.weights)):
-            for block, live in zip(self.groups[group].blocks, packed.live_rows[group]):
-                if live:
-                    destinations.append(row[block.span(0, live)])
-                    sources.append(source[block.span(0, live)])
-            bias = self.groups[group].bias
-            if bias is not None:
-                destinations.append(row[bias])
-                sources.append(source[bias])
-        stale = self._rows_beyond(weights, packed.live_rows, previous)
-        if stale:
-            torch._foreach_zero_(stale)
-        torch._foreach_copy_([*destinations, *scales], [*sources, *packed.scales], non_blocking=True)
-
-    def zero_rows(self, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], previous: LiveRows) -> None:
-        """Zero one slot row whose rank rows past ``previous`` are zero already."""
-        spans = self._rows_beyond(weights, self.empty_rows(), previous)
-        spans += [row[group.bias] for group, row in zip(self.groups, weights) if group.bias is not None]
-        if spans or scales:
-            torch._foreach_zero_([*spans, *scales])
+        """Make one slot row add nothing: zero its scales, live mask and biases (its rank rows are masked out)."""
+        biases = [row[group.bias] for group, row in zip(self.groups, weights) if group.bias is not None]
+        torch._foreach_zero_([*biases, *scales, *live])
 
     def validate(self, adapter: Adapter, *, cast: bool = False) -> None:
         """Raise the first reason ``adapter`` cannot be loaded into a slot; touches nothing.
@@ -291,32 +312,33 @@ class SlotLayout:
         adapter: Adapter,
         weights: Sequence[torch.Tensor],
         scales: Sequence[torch.Tensor],
+        live: Sequence[torch.Tensor],
         *,
-        previous: LiveRows | None = None,
+        fresh: bool = False,
     ) -> LiveRows:
-        """Write a validated ``adapter`` into one slot row (``weights``/``scales``: one tensor per group); return its
-        live rows.
+        """Write a validated ``adapter`` into one slot row (one tensor per group in each of ``weights``/``scales``/
+        ``live``); return its live rows.
 
-        Every tensor is copied once, straight into its padded place (one ``_foreach_copy_``), and only what it does
-        not cover is zeroed (one ``_foreach_zero_``): the rows ``previous`` (the row's live rows; None: a fresh
-        all-zero row) filled beyond the adapter's, and inside the adapter's rows the rank padding of its layers,
-        the layers it does not target and the biases it lacks. Rows past both were zero and stay so. The alignment
-        gaps between layers are never written: zero since ``attach`` (or ``zeros``).
+        Every tensor is copied once, straight into its padded place (one ``_foreach_copy_``), and inside the
+        adapter's live rows what it does not cover is zeroed (one ``_foreach_zero_``): the rank padding of its
+        smaller layers, the layers it does not target and the biases it lacks. ``fresh``: the row is all zero
+        already (a new host tensor), so nothing needs zeroing. Rows past the live ones are left as they are (the
+        live mask hides them), and the alignment gaps between layers are never written: zero since ``attach``.
         """
-        live = self.live_rows(adapter)
+        live_rows = self.live_rows(adapter)
         scale_values = [[0.0] * g.layers for g in self.groups]
         destinations: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
         pads: list[torch.Tensor] = []
         for name, place in self.placements.items():
             layer = adapter.layers.get(name)
-            rows = live[place.group][place.block]
+            rows = live_rows[place.group][place.block]
             written = 0 if layer is None or place.spec.groups > 1 else layer.rank  # grouped convs: block-diagonal B
             stale_bias = place.bias_offset is not None and (layer is None or layer.lora_bias is None)
-            pad = previous is not None and (written < rows or stale_bias)
+            pad = not fresh and (written < rows or stale_bias)
             if layer is None and not pad:
                 continue
-            lora_A, lora_B, _, bias = self.views(weights[place.group], scales[place.group], name)
+            lora_A, lora_B, _, _, bias = self.views(weights[place.group], scales[place.group], live[place.group], name)
             if pad:
                 pads += [lora_A[written:rows], lora_B[:, written:rows], *([bias] if stale_bias else [])]
             if layer is None:
@@ -328,8 +350,6 @@ class SlotLayout:
                 destinations.append(bias)
                 sources.append(layer.lora_bias)
             scale_values[place.group][place.scale_index] = layer.scaling
-        if previous is not None:
-            pads += self._rows_beyond(weights, live, previous)
         pads = [pad for pad in pads if pad.numel()]
         if pads:
             torch._foreach_zero_(pads)
@@ -337,15 +357,19 @@ class SlotLayout:
             torch._foreach_copy_(destinations, sources)
         for scale, values in zip(scales, scale_values):
             scale.copy_(torch.tensor(values, dtype=torch.float32))
-        return live
+        for mask, values in zip(live, self.live_masks(live_rows)):
+            mask.copy_(values)
+        return live_rows
 
     def pack(self, adapter: Adapter, pin_memory: bool = False) -> PackedAdapter:
         """Validate ``adapter``, then lay it out as one slot row on the host (one pass, see :meth:`fill`)."""
         self.validate(adapter, cast=True)
         weights = tuple(torch.zeros(g.numel, dtype=g.dtype, pin_memory=pin_memory) for g in self.groups)
         scales = tuple(torch.zeros(g.layers, dtype=torch.float32, pin_memory=pin_memory) for g in self.groups)
-        live = self.fill(adapter, weights, scales)
-        return PackedAdapter(weights, scales, adapter.source, adapter.target_names, self, live)
+        live = tuple(torch.zeros(g.live_width, dtype=torch.bool, pin_memory=pin_memory) for g in self.groups)
+        live_rows = self.fill(adapter, weights, scales, live, fresh=True)
+        sources = self.copy_views(weights, scales, live, live_rows)
+        return PackedAdapter(weights, scales, live, adapter.source, adapter.target_names, self, live_rows, sources)
 
 
 def _plan_group(
@@ -361,10 +385,11 @@ def _plan_group(
         a_column = widths[block]
         columns[name] = (a_column, a_column + _aligned(math.prod(spec.a_tail), align))
         widths[block] = columns[name][1] + _aligned(spec.out, align)
-    blocks, numel = [], 0
+    blocks, numel, live_offset = [], 0, 0
     for rank, width in zip(ranks, widths):
-        blocks.append(RankBlock(numel, width, rank))
+        blocks.append(RankBlock(numel, width, rank, live_offset))
         numel += rank * width
+        live_offset += rank
     bias_start = numel
     placements = []
     for index, (name, spec, rank) in enumerate(members):

@@ -3,8 +3,8 @@
 A load resolves the adapter to a :class:`~loraswap.layout.PackedAdapter` (from the host cache,
 or read, validated and padded on a miss), then copies it into the slot's row of each flat
 buffer: one ``torch._foreach_copy_`` over a few large spans, the rank rows the adapter fills,
-after zeroing the rows the slot's previous adapter filled beyond them (the host records each
-slot's live rows; nothing the compiled graph reads). Everything that can fail happens
+and the slot's scales and live mask (rows past the live ones are masked out in the forward,
+never zeroed: see :mod:`loraswap.layout`). Everything that can fail happens
 before that copy, so a failed load leaves every tensor of the model bit-for-bit as it was. No
 verb changes a shape, dtype, device, storage or Python attribute that the compiled graph reads.
 
@@ -31,8 +31,10 @@ from .layers import SlotLayer
 from .layout import LiveRows, PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights, Router
 
-# (a slot's weights per group, its scales per group, the rank rows it fills now) -> the rank rows it fills after
-SlotWrite = Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], LiveRows], LiveRows]
+MAX_KEPT_DESTINATIONS = 4096
+
+# writes one slot row, given its (weights, scales, live masks), one tensor per group in each
+SlotWrite = Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], object]
 
 
 class AdapterSlots:
@@ -79,18 +81,19 @@ class AdapterSlots:
         self.lock = threading.RLock()
         self._write_lock = threading.Lock()  # slot writes vs the routing verbs; taken after ``lock``
         self._loaded: dict[int, str] = {}
-        self._live_rows = [layout.empty_rows()] * capacity.slots  # per slot: the rank rows its adapter fills
         self._read_slots: frozenset[int] = frozenset({0})  # slots some row reads with a non-zero weight
         self._prefetcher: ThreadPoolExecutor | None = None
         self._routed: tuple[int, str] | None = None  # (count, "row"/"token") the last route/blend list gave
         if check_rows:
             model.register_forward_pre_hook(self._check_forward_rows, with_kwargs=True)
-        self._sentinel = self._first_layer()
-        self._sentinel_ptr = self._sentinel.lora_A.data_ptr()
-        self._rows = [
-            (*(weights[slot] for weights in storage.weights), *(scales[slot] for scales in storage.scales))
+        # a move or cast after attach replaces the buffers in this dict (read directly: every load checks it)
+        self._sentinel_buffers = self._first_layer()._buffers
+        self._sentinel_ptr = self._sentinel_buffers["lora_A"].data_ptr()
+        self._rows = [  # per slot: (weights, scales, live masks), one row per group in each
+            tuple(tuple(tensor[slot] for tensor in part) for part in (storage.weights, storage.scales, storage.live))
             for slot in range(capacity.slots)
         ]
+        self._destinations: dict[tuple[int, LiveRows], tuple[torch.Tensor, ...]] = {}
         device = router.row_weights.device
         self._pin = device.type == "cuda"
         self._copy_stream = None
@@ -137,14 +140,14 @@ class AdapterSlots:
         """
         self.router.check_slot(slot)
         if self.cache.max_bytes or self._copy_stream is not None:
-            self.load_packed(self.packed(source, allow_pickle=allow_pickle), slot)
+            self._write_packed(self.packed(source, allow_pickle=allow_pickle), slot)
             return
         adapter = load_adapter(source, allow_pickle=allow_pickle)
         check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
         self.layout.validate(adapter, cast=True)
 
-        def write(weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], previous: LiveRows) -> LiveRows:
-            return self.layout.fill(adapter, weights, scales, previous=previous)
+        def write(*rows: tuple[torch.Tensor, ...]) -> None:
+            self.layout.fill(adapter, *rows)
 
         self._write_slot(slot, adapter.source, write)
 
@@ -152,12 +155,28 @@ class AdapterSlots:
         """Copy an adapter that :meth:`pack` (or :meth:`packed`) prepared into ``slot``: the write half of ``load``."""
         self.router.check_slot(slot)
         check_packed_for(packed, self.layout)
+        self._write_packed(packed, slot)
 
-        def write(weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], previous: LiveRows) -> LiveRows:
-            self.layout.write_packed(packed, weights, scales, previous)
-            return packed.live_rows
+    def _write_packed(self, packed: PackedAdapter, slot: int) -> None:
+        """:meth:`load_packed` after its checks (a warm ``load``'s path: its own cache packed for this layout)."""
+        destinations = self._copy_destinations(slot, packed.live_rows)
+
+        def write(*_rows: tuple[torch.Tensor, ...]) -> None:
+            torch._foreach_copy_(destinations, packed.copy_sources, non_blocking=True)
 
         self._write_slot(slot, packed.source, write)
+
+    def _copy_destinations(self, slot: int, live_rows: LiveRows) -> tuple[torch.Tensor, ...]:
+        """:meth:`SlotLayout.copy_views` of ``slot``'s row, kept per (slot, live rows): a warm swap then builds no
+        view (a few distinct live-row shapes per slot in practice; the dict is emptied past a bound)."""
+        key = (slot, live_rows)
+        destinations = self._destinations.get(key)
+        if destinations is None:
+            if len(self._destinations) >= MAX_KEPT_DESTINATIONS:
+                self._destinations.clear()
+            destinations = self.layout.copy_views(*self._rows[slot], live_rows)
+            self._destinations[key] = destinations
+        return destinations
 
     def _write_slot(self, slot: int, source: str, write: SlotWrite) -> None:
         """``write`` a validated adapter into ``slot``: without ``lock`` when no row reads ``slot``."""
@@ -172,18 +191,16 @@ class AdapterSlots:
             self._loaded[slot] = source
 
     def _write_rows(self, slot: int, write: SlotWrite, slot_is_read: bool) -> None:
-        """Run ``write(weights, scales, live rows)`` on ``slot``'s rows and record the live rows it returns; on CUDA
-        on the side stream, which orders every slot write."""
-        groups = len(self.layout.groups)
-        rows = self._rows[slot]
+        """Run ``write(weights, scales, live)`` on ``slot``'s rows; on CUDA on the side stream, which orders every
+        slot write."""
         if self._copy_stream is None:
-            self._live_rows[slot] = write(rows[:groups], rows[groups:], self._live_rows[slot])
+            write(*self._rows[slot])
             return
         compute = torch.cuda.current_stream(self._copy_stream.device)
         if slot_is_read:
             self._copy_stream.wait_stream(compute)  # forwards already queued read this slot: write after them
         with torch.cuda.stream(self._copy_stream):
-            self._live_rows[slot] = write(rows[:groups], rows[groups:], self._live_rows[slot])
+            write(*self._rows[slot])
         compute.wait_stream(self._copy_stream)  # an event: work queued from now on sees the whole write
 
     def prefetch(self, source: AdapterSource, *, allow_pickle: bool = False) -> Future:
@@ -205,9 +222,8 @@ class AdapterSlots:
             self._write_rows(slot, self._zero, slot in self._read_slots)
             self._loaded.pop(slot, None)
 
-    def _zero(self, weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], previous: LiveRows) -> LiveRows:
-        self.layout.zero_rows(weights, scales, previous)
-        return self.layout.empty_rows()
+    def _zero(self, *rows: tuple[torch.Tensor, ...]) -> None:
+        self.layout.zero_rows(*rows)
 
     def activate(self, slot: int) -> None:
         """Every row uses ``slot``."""
@@ -270,7 +286,7 @@ class AdapterSlots:
             )
 
     def _check_layout(self) -> None:
-        if self._sentinel.lora_A.data_ptr() != self._sentinel_ptr:
+        if self._sentinel_buffers["lora_A"].data_ptr() != self._sentinel_ptr:
             raise LayoutChangedError(
                 "the slot buffers were replaced after attach (the model was moved or cast); "
                 "call .to()/.half() before loraswap.attach, then attach again on a fresh model"

@@ -17,6 +17,12 @@ timed in alternating rounds in one process:
   zeroes the rows the slot's previous, larger adapter filled, which this floor does not count. The
   ``<= 1.3x the copy floor`` target uses this floor.
 
+Each swap mode cycles through the four adapters, and a swap of rank 64 costs about eight times one of
+rank 8, so the samples of one mode form four clusters. The figure per mode is the mean over the four
+adapters of each adapter's median: the cost of one swap averaged over the cycle, a statistic that is
+stable where the median of all the samples is not (it lands anywhere in the gap between the second
+and third cluster). Each adapter's medians are reported too.
+
 Swap cost does not depend on compilation, so neither model is compiled here (``loraswap demo``
 and the tests show that swaps do not recompile). The garbage collector is paused while timing,
 as ``timeit`` does: torch, transformers and PEFT keep about a million objects alive, so one
@@ -29,6 +35,7 @@ from __future__ import annotations
 import copy
 import gc
 import itertools
+import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +48,7 @@ from ..attach import attach
 from ..capacity import Capacity
 from ..synthetic import LLAMA_PROJECTIONS, tiny_llama, write_adapters
 from .report import format_seconds, plot_bars, print_table
-from .timing import alternating_medians
+from .timing import alternating_samples
 
 BENCH_RANKS = (8, 16, 32, 64)
 PEFT = "PEFT hotswap_adapter"
@@ -51,6 +58,7 @@ ACTIVATE = "loraswap activate"
 FLOOR = "padded floor: one copy_"
 LIVE_FLOOR = "live floor: one copy_"
 
+WARMUP = 2
 ACTIVATIONS_PER_SAMPLE = 100  # one activate (~5 us) is below what one perf_counter sample after a 16 MiB copy resolves
 
 TARGETS = (
@@ -83,9 +91,11 @@ def run_swap(
         gc.collect()
         gc.disable()
         try:
-            medians = alternating_medians(modes, rounds=rounds)
+            samples = alternating_samples({name: mode.run for name, mode in modes.items()}, rounds, WARMUP)
         finally:
             gc.enable()
+        per_adapter = {name: mode.medians(samples[name]) for name, mode in modes.items()}
+        medians = {name: statistics.fmean(by_adapter.values()) for name, by_adapter in per_adapter.items()}
         medians[ACTIVATE] /= ACTIVATIONS_PER_SAMPLE
         max_abs_error = check()
     ratios = {
@@ -103,7 +113,8 @@ def run_swap(
         "rounds": rounds,
         "torch_threads": torch.get_num_threads(),
         "gc_paused_while_timing": True,
-        "medians_s": medians,
+        "medians_s": medians,  # per mode: the mean over the adapters of each adapter's median
+        "per_adapter_medians_s": {name: by_adapter for name, by_adapter in per_adapter.items() if name != ACTIVATE},
         "ratios": ratios,
         "targets": [
             {"target": text, "measure": key, "value": ratios[key], "met": _compare(ratios[key], op, bound)}
@@ -130,19 +141,19 @@ def _modes(base: torch.nn.Module, paths: list[str], max_rank: int):
     floor_destination = torch.empty_like(packed[0].weights[0])
     live = [(floor_destination[: entry.live_numel[0]], entry.weights[0][: entry.live_numel[0]]) for entry in packed]
 
-    def cycling(action: Callable[[Any], object], items: Sequence[Any]) -> Callable[[], object]:
-        order = itertools.cycle(items)
-        return lambda: action(next(order))
-
+    names = [Path(path).name for path in paths]
+    shifted = names[2:] + names[:2]  # the floors cycle from another adapter than the swaps
     modes = {
-        PEFT: cycling(
-            lambda path: hotswap_adapter(peft_model, path, adapter_name="default", torch_device="cpu"), paths
+        PEFT: Cycling(
+            lambda path: hotswap_adapter(peft_model, path, adapter_name="default", torch_device="cpu"), names, paths
         ),
-        COLD: cycling(cold.load, paths),
-        WARM: cycling(warm.load, paths),
-        ACTIVATE: lambda: [warm.activate(slot) for slot in (1, 0) * (ACTIVATIONS_PER_SAMPLE // 2)],
-        FLOOR: cycling(lambda entry: floor_destination.copy_(entry.weights[0]), packed[2:] + packed[:2]),
-        LIVE_FLOOR: cycling(lambda pair: pair[0].copy_(pair[1]), live[2:] + live[:2]),
+        COLD: Cycling(cold.load, names, paths),
+        WARM: Cycling(warm.load, names, paths),
+        ACTIVATE: Cycling(
+            lambda _: [warm.activate(slot) for slot in (1, 0) * (ACTIVATIONS_PER_SAMPLE // 2)], ["all"], [None]
+        ),
+        FLOOR: Cycling(lambda entry: floor_destination.copy_(entry.weights[0]), shifted, packed[2:] + packed[:2]),
+        LIVE_FLOOR: Cycling(lambda pair: pair[0].copy_(pair[1]), shifted, live[2:] + live[:2]),
     }
 
     def check() -> float:
@@ -156,6 +167,27 @@ def _modes(base: torch.nn.Module, paths: list[str], max_rank: int):
 
     item = packed[0].weights[0].element_size()
     return modes, check, packed[0].nbytes, [entry.live_numel[0] * item for entry in packed]
+
+
+class Cycling:
+    """A mode that applies ``action`` to ``items`` in turn, remembering which item (by ``label``) each call used."""
+
+    def __init__(self, action: Callable[[Any], object], labels: Sequence[str], items: Sequence[Any]) -> None:
+        self._order = itertools.cycle(zip(labels, items))
+        self._action = action
+        self.used: list[str] = []
+
+    def run(self) -> None:
+        label, item = next(self._order)
+        self.used.append(label)
+        self._action(item)
+
+    def medians(self, samples: Sequence[float]) -> dict[str, float]:
+        """Each item's median over ``samples``, the timed calls (the last ones: warm-up calls come first)."""
+        by_label: dict[str, list[float]] = {}
+        for label, seconds in zip(self.used[-len(samples) :], samples, strict=True):
+            by_label.setdefault(label, []).append(seconds)
+        return {label: statistics.median(values) for label, values in by_label.items()}
 
 
 def _compare(value: float, op: str, bound: float) -> bool:
@@ -178,11 +210,18 @@ def print_swap(result: dict[str, Any]) -> None:
         f"loraswap bench swap: {result['model']}; adapters {', '.join(result['adapters'])}; "
         f"{result['padded_bytes'] / 2**20:.1f} MiB padded, "
         f"{'/'.join(f'{size / 2**20:.1f}' for size in result['live_bytes'])} MiB live; "
-        f"median of {result['rounds']} alternating rounds; "
-        f"{result['torch_threads']} torch thread(s)"
+        f"one swap: each adapter's median over {result['rounds']} rounds (modes in random order), averaged over "
+        f"the adapters; {result['torch_threads']} torch thread(s)"
     )
     wide = Console(width=max(Console().width, 100))  # five columns: keep the mode names on one line
-    print_table(title, ["mode", "median", "vs padded floor", "vs live floor", "speed-up vs PEFT"], rows, wide)
+    print_table(title, ["mode", "per swap", "vs padded floor", "vs live floor", "speed-up vs PEFT"], rows, wide)
+    per_adapter = result["per_adapter_medians_s"]
+    print_table(
+        "each adapter's median (the swap into it from the one before in the cycle)",
+        ["mode", *result["adapters"]],
+        [(mode, *(format_seconds(times[name]) for name in result["adapters"])) for mode, times in per_adapter.items()],
+        wide,
+    )
     print_table(
         "targets (same run)",
         ["target", "measured", "met"],

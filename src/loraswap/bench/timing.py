@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 
 def alternating_samples(
-    modes: Mapping[str, Callable[[], object]], rounds: int = 10, warmup: int = 2
+    modes: Mapping[str, Callable[[], object]], rounds: int = 10, warmup: int = 2, seed: int = 0
 ) -> dict[str, list[float]]:
     """Seconds of one call of each mode per round, ``rounds`` rounds.
 
-    Alternating keeps a drift in machine speed (other tenants, thermal) from favouring one mode; the
-    order rotates every round so that no mode always runs right after the same other one.
+    Alternating keeps a drift in machine speed (other tenants, thermal) from favouring one mode. Each
+    round runs the modes in a fresh random order (seeded: the same orders every run), so that no mode
+    always runs right after the same other one: what a mode leaves behind (caches emptied by a large
+    read, allocator state) falls on every mode alike. A rotation would not do: it keeps the cyclic order,
+    so each mode would nearly always follow the same neighbour.
     """
     for _ in range(warmup):
         for fn in modes.values():
             fn()
+    order = random.Random(seed)
     names = list(modes)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
             start = time.perf_counter()
             modes[name]()
             samples[name].append(time.perf_counter() - start)
