@@ -227,14 +227,21 @@ def serve_forever(model: str, adapters: str, *, host: str = "127.0.0.1", port: i
 
     app = build_app(model, adapters, **options)  # validates MODEL and DIR before Ray starts
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         start_local_ray()
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="loraswap", route_prefix="/")
+        # After Ray's start, which puts in a SIGTERM handler of its own (raising SystemExit mid-call)
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
         print(f"loraswap serve: ready at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
         stop.wait()
     finally:
+        # Ray's core worker also handles SIGTERM in C (absl's failure handler): it logs, chains to the Python handler
+        # and arms a 3 s alarm that aborts the process, a watchdog for a crash that hangs. A shutdown longer than
+        # that (an image pipeline's replicas took longer) ended in SIGABRT, exit 134: disarm it first.
+        signal.alarm(0)
         print("loraswap serve: shutting down", flush=True)
         stop_ray()
         for sig, handler in previous.items():
