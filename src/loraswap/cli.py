@@ -231,7 +231,7 @@ def bench_mixed(
 
 @bench_app.command("swap")
 def bench_swap(
-    rounds: int = typer.Option(30, help="Alternating timing rounds."),
+    rounds: int = typer.Option(100, help="Timing rounds (each adapter gets a quarter of them)."),
     threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),

@@ -70,7 +70,7 @@ TARGETS = (
 
 
 def run_swap(
-    rounds: int = 30,
+    rounds: int = 100,
     hidden: int = 512,
     layers: int = 8,
     ranks: Sequence[int] = BENCH_RANKS,
