@@ -236,8 +236,8 @@ def test_images_equal_diffusers_with_load_lora_weights(images_url, sd_served):
 
 def test_a_warmed_up_text_engine_serves_every_batch_size_without_recompiling(tmp_path):
     """In-process, no Ray: after warm-up, batches of 1 to 8 rows with prompts of every length compile nothing,
-    and per-adapter batches answer as the mixed one does.
-    dynamo makes a size dynamic only when it sees a second value (and at hidden 128 the warm-up's batch of 2
+    and per-adapter batches answer as the mixed one does (warmed up in per-adapter mode: its warm-up once split
+    the batch of 3 into batches of 2, and the first 3 rows of one adapter recompiled). dynamo makes a size dynamic only when it sees a second value (and at hidden 128 the warm-up's batch of 2
     shares its size with the KV heads), so warm-up must show it one, as `bench serve` found."""
     from transformers import AutoModelForCausalLM
 
@@ -246,9 +246,14 @@ def test_a_warmed_up_text_engine_serves_every_batch_size_without_recompiling(tmp
     folder = tiny_llama_folder(tmp_path / "tiny-llama", hidden=128)
     specs = dict(list(ADAPTERS.items())[:3])
     adapters = write_adapters(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapters", specs)
-    engine = TextEngine(folder, {name: str(path) for name, path in adapters.items()}, slots=3, backend="eager")
-    engine.warm_up()
+    engine = TextEngine(
+        folder, {name: str(path) for name, path in adapters.items()}, slots=3, backend="eager", mixed=False
+    )
+    engine.warm_up()  # as bench serve's per-adapter mode warms up: one generate() per adapter
     names = list(adapters)
+    for rows in (3, 5):  # one adapter's rows: batches of those sizes
+        engine.complete([CompletionRow(names[0], PROMPTS[i], max_tokens=4) for i in range(rows)])
+    engine.mixed = True
     for rows in (1, 5, 8, 2, 7):
         engine.complete([CompletionRow(names[i % 3], PROMPTS[(rows + i) % len(PROMPTS)], max_tokens=4) for i in range(rows)])
     mixed = [CompletionRow([*names, None][i % 4], PROMPTS[i], max_tokens=4) for i in range(8)]

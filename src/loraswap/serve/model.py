@@ -247,11 +247,13 @@ class TextEngine(_TextModel):
 
         Two batches of different sizes and prompt lengths: dynamo compiles the first call's sizes as
         constants and makes a size dynamic only when a second value arrives, which must happen here,
-        not at the first request of another batch size."""
-        names = [name for name in self.adapters if name not in self.refused][:2] or [None]
+        not at the first request of another batch size. Every row is on one adapter, so that with
+        ``mixed=False`` (one ``generate()`` per adapter) the batches keep their 2 and 3 rows: rows on two
+        adapters split into batches of 2 and 2 (one row padded to ``min_rows``), and the first batch of 3
+        rows of one adapter recompiled."""
+        adapter = next((name for name in self.adapters if name not in self.refused), None)
         for rows, prompt in ((2, "warm up"), (3, "warm up the model")):
-            warm = [CompletionRow(names[i % len(names)], prompt, max_tokens=3) for i in range(rows)]
-            self.complete(warm, count=False)
+            self.complete([CompletionRow(adapter, prompt, max_tokens=3)] * rows, count=False)
         self._compiles.__enter__()
 
     def stats(self) -> dict[str, int]:
