@@ -10,7 +10,7 @@ one block of ``R`` rank rows, and rank row ``k`` holds each of those layers' ``l
 ``lora_B[:, k]`` side by side. ``lora_A`` and ``lora_B`` are strided views into it. So an adapter
 of rank ``r`` lives in the block's first ``r`` rows (its live rows), one contiguous span: a swap
 copies those rows (one copy per block, not per tensor) and nothing else
-(:meth:`SlotLayout.write_packed`).
+(:meth:`SlotLayout.copy_views`).
 
 The rows past them are never zeroed: they may still hold what the slot's previous, larger adapter
 wrote there (finite: validated). Each slot row has a live mask, ``live[slots, rows]`` (bool, one
@@ -251,11 +251,11 @@ class SlotLayout:
             block[place.block] = max(block[place.block], place.filled_rows(layer.rank))
         return tuple(map(tuple, rows))
 
-    def live_masks(self, live: LiveRows, pin_memory: bool = False) -> tuple[torch.Tensor, ...]:
+    def live_masks(self, live: LiveRows) -> tuple[torch.Tensor, ...]:
         """Per group, the live mask row of an adapter that fills ``live`` (host tensors)."""
         masks = []
         for group, rows in zip(self.groups, live):
-            mask = torch.zeros(group.live_width, dtype=torch.bool, pin_memory=pin_memory)
+            mask = torch.zeros(group.live_width, dtype=torch.bool)
             for block, filled in zip(group.blocks, rows):
                 mask[block.live_offset : block.live_offset + filled] = True
             masks.append(mask)
