@@ -37,10 +37,14 @@ def served(layout, weights, scales, live) -> list[torch.Tensor]:
     return tensors + list(live)
 
 
-def served_by_slot(slots, slot: int) -> list[torch.Tensor]:
+def slot_row(slots, slot: int) -> tuple[list[torch.Tensor], ...]:
+    """``slot``'s (weights, scales, live masks), one row per group in each."""
     storage = slots.storage
-    rows = ([tensor[slot] for tensor in part] for part in (storage.weights, storage.scales, storage.live))
-    return served(slots.layout, *rows)
+    return tuple([tensor[slot] for tensor in part] for part in (storage.weights, storage.scales, storage.live))
+
+
+def served_by_slot(slots, slot: int) -> list[torch.Tensor]:
+    return served(slots.layout, *slot_row(slots, slot))
 
 
 def padded(slots, path) -> list[torch.Tensor]:
@@ -103,10 +107,10 @@ def test_swaps_down_in_rank_give_the_fresh_slots_outputs_compiled_without_recomp
 
 def holds_rows_past_live(slots, slot: int) -> bool:
     """Whether some layer's ``lora_A`` in ``slot`` holds non-zero values in rank rows that are not live."""
+    weights, scales, masks = slot_row(slots, slot)
     for name, place in slots.layout.placements.items():
         group = place.group
-        rows = [part[group][slot] for part in (slots.storage.weights, slots.storage.scales, slots.storage.live)]
-        lora_A, _, _, live, _ = slots.layout.views(*rows, name)
+        lora_A, _, _, live, _ = slots.layout.views(weights[group], scales[group], masks[group], name)
         if lora_A[~live].any():
             return True
     return False

@@ -219,11 +219,8 @@ class AdapterSlots:
         self.router.check_slot(slot)
         self._check_layout()
         with self.lock, self._write_lock:
-            self._write_rows(slot, self._zero, slot in self._read_slots)
+            self._write_rows(slot, self.layout.zero_rows, slot in self._read_slots)
             self._loaded.pop(slot, None)
-
-    def _zero(self, *rows: tuple[torch.Tensor, ...]) -> None:
-        self.layout.zero_rows(*rows)
 
     def activate(self, slot: int) -> None:
         """Every row uses ``slot``."""
