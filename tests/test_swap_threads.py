@@ -101,6 +101,29 @@ def test_forwards_never_mix_adapters_while_another_thread_swaps(setup):
     assert len(seen) >= 2, "the forwards never overlapped a swap; the test proved nothing"
 
 
+def test_loads_without_a_cache_in_two_threads_each_write_their_own_adapter(setup, parts):
+    """A load without a host cache reads the file into a buffer it reuses, one per thread: two threads loading
+    different adapters at once never write each other's bytes."""
+    _, _, _, _, _, own = setup
+    base, tokens, paths = parts
+    model = copy.deepcopy(base)
+    direct = attach(model, Capacity.for_adapters(paths.values(), model=model, slots=2), cache_bytes=0)
+    names = list(paths)
+
+    def load_in_turn(slot: int, order: list[str]) -> None:
+        for name in order * 8:
+            direct.load(paths[name], slot=slot)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        loaders = [pool.submit(load_in_turn, 0, names), pool.submit(load_in_turn, 1, names[::-1])]
+        for loader in loaders:
+            loader.result(timeout=60)
+    with torch.no_grad():
+        for slot, name in ((0, names[-1]), (1, names[0])):
+            direct.activate(slot)
+            assert torch.equal(model(tokens).logits, own[name, slot])
+
+
 def test_an_activate_halfway_through_a_forward_is_detected(setup):
     """The check above can fail: switching slots between two decoder layers gives an output that is no adapter's."""
     model, slots, tokens, paths, _, own = setup

@@ -262,16 +262,16 @@ def open_safetensors(path: Path):
         raise AdapterFormatError(f"{path}: not a valid safetensors file ({err}); re-download or re-save it") from err
 
 
-def read_safetensors(path: Path, config: Mapping[str, Any] | None, shard: ShardFn | None = None) -> Adapter:
+def read_safetensors(
+    path: Path, config: Mapping[str, Any] | None, shard: ShardFn | None = None, scratch: ReadBuffer | None = None
+) -> Adapter:
     """With ``shard``, each tensor is read through a safetensors slice: only the part ``shard`` keeps.
-    Without, the whole file is read at once (:func:`read_whole_safetensors`)."""
-    tensors, metadata = read_whole_safetensors(path) if shard is None else (None, {})
+    Without, the whole file is read at once (:func:`read_whole_safetensors`, into ``scratch`` when given)."""
+    tensors, metadata = read_whole_safetensors(path, scratch) if shard is None else (None, {})
     if tensors is not None:
         if config is None:
             config = _config_from_metadata(metadata, path)
-        check_adapter_supported(list(tensors), config, str(path))
-        group_lora_keys(tensors.keys(), str(path))
-        return adapter_from_state_dict(tensors, config, source=str(path))
+        return adapter_from_state_dict(tensors, config, source=str(path))  # checks the keys before any tensor
     with open_safetensors(path) as handle:
         keys = list(handle.keys())
         if config is None:
@@ -282,7 +282,28 @@ def read_safetensors(path: Path, config: Mapping[str, Any] | None, shard: ShardF
     return adapter_from_state_dict(state_dict, config, source=str(path))
 
 
-def read_whole_safetensors(path: Path) -> tuple[dict[str, torch.Tensor] | None, Mapping[str, str]]:
+class ReadBuffer:
+    """One host buffer that whole-file reads reuse: an adapter read into it holds views of it, valid until the next
+    read into it (the caller serialises reads and drops the adapter before the next one).
+
+    A fresh buffer per read costs a page fault per 4 KiB page whenever the allocator maps new memory for it:
+    measured here, reading a 16 MiB adapter while the previous one is still alive takes 3.3 ms into a fresh
+    buffer, 2.3 ms into this one.
+    """
+
+    def __init__(self) -> None:
+        self._data = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of the buffer (grown, never shrunk)."""
+        if self._data.numel() < nbytes:
+            self._data = torch.empty(nbytes, dtype=torch.uint8)
+        return self._data[:nbytes]
+
+
+def read_whole_safetensors(
+    path: Path, scratch: ReadBuffer | None = None
+) -> tuple[dict[str, torch.Tensor] | None, Mapping[str, str]]:
     """Every tensor of a safetensors file as a view of one buffer filled by one ``readinto``, and the metadata.
 
     A slot pack then copies each tensor once more, straight into its padded place. Measured here for
@@ -294,7 +315,8 @@ def read_whole_safetensors(path: Path) -> tuple[dict[str, torch.Tensor] | None, 
     from .info import read_safetensors_header, torch_dtype  # info reads headers with this module's helpers
 
     header = read_safetensors_header(path)
-    data = torch.empty(header.file_bytes - header.data_start, dtype=torch.uint8)
+    nbytes = header.file_bytes - header.data_start
+    data = scratch.take(nbytes) if scratch is not None else torch.empty(nbytes, dtype=torch.uint8)
     views = {}
     for key, entry in header.tensors.items():
         dtype = torch_dtype(entry.dtype)
@@ -396,10 +418,12 @@ def load_adapter(
     allow_pickle: bool = False,
     revision: str | None = None,
     shard: ShardFn | None = None,
+    scratch: ReadBuffer | None = None,
 ) -> Adapter:
     """Read a LoRA adapter from a PEFT directory, a ``.safetensors`` file or a hub id.
 
     ``shard`` (tensor parallel) keeps part of each tensor; from safetensors only that part is read.
+    ``scratch``: read a safetensors file into this reused buffer (the adapter's tensors are then views of it).
     """
     if isinstance(source, Adapter):
         return source
@@ -407,12 +431,12 @@ def load_adapter(
     if path.is_dir():
         config = read_config(path / CONFIG_NAME) if (path / CONFIG_NAME).exists() else None
         if (path / SAFETENSORS_NAME).exists():
-            return read_safetensors(path / SAFETENSORS_NAME, config, shard)
+            return read_safetensors(path / SAFETENSORS_NAME, config, shard, scratch)
         if (path / PICKLE_NAME).exists():
             return read_pickle(path / PICKLE_NAME, config, allow_pickle, shard)
         raise AdapterNotFoundError(f"{path}: holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
     if path.suffix == ".safetensors":
-        return read_safetensors(path, None, shard)
+        return read_safetensors(path, None, shard, scratch)
     if path.suffix in {".bin", ".pt", ".pth"}:
         return read_pickle(path, None, allow_pickle, shard)
     raise AdapterFormatError(f"{path}: unknown adapter file type {path.suffix!r}; expected .safetensors or a directory")

@@ -271,7 +271,8 @@ def _tensor_entry(path: Path, key: str, value: Any) -> TensorEntry:
     try:
         dtype, shape, (begin, end) = value["dtype"], tuple(value["shape"]), value["data_offsets"]
         itemsize = _DTYPES[dtype][0]
-        valid = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (*shape, begin, end))
+        numbers = (*shape, begin, end)
+        valid = set(map(type, numbers)) == {int} and min(numbers) >= 0  # JSON true/false are bools, not ints
     except (TypeError, KeyError, ValueError):
         valid = False
     if not valid or end - begin != math.prod(shape) * itemsize:

@@ -26,6 +26,7 @@ before it builds anything, and builds only fresh host tensors: the model is neve
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +98,12 @@ class LayerPlacement:
     @property
     def a_shape(self) -> tuple[int, ...]:
         return (self.rank, *self.spec.a_tail)
+
+    @functools.cached_property
+    def a_strides(self) -> tuple[int, ...]:
+        """``lora_A``'s strides in a flat row: ``row_stride`` per rank row, then its tail dims contiguous."""
+        a_tail = self.spec.a_tail
+        return (self.row_stride, *(math.prod(a_tail[i + 1 :]) for i in range(len(a_tail))))
 
     @property
     def b_shape(self) -> tuple[int, int]:
@@ -226,21 +233,8 @@ class SlotLayout:
         """
         place = self.placements[name]
         block = self.groups[place.group].blocks[place.block]
-        lead, lead_strides = weights.shape[:-1], weights.stride()[:-1]
-        a_tail = place.spec.a_tail
-        tail_strides = tuple(math.prod(a_tail[i + 1 :]) for i in range(len(a_tail)))
-        start = weights.storage_offset()
-        lora_A = weights.as_strided(
-            (*lead, place.rank, *a_tail), (*lead_strides, place.row_stride, *tail_strides), start + place.a_offset
-        )
-        lora_B = weights.as_strided(
-            (*lead, place.spec.out, place.rank), (*lead_strides, 1, place.row_stride), start + place.b_offset
-        )
-        bias = None
-        if place.bias_offset is not None:
-            bias = weights[..., place.bias_offset : place.bias_offset + place.spec.out]
         live_rows = live[..., block.live_offset : block.live_offset + block.rows]
-        return lora_A, lora_B, scales[..., place.scale_index], live_rows, bias
+        return *_weight_views(weights, place), scales[..., place.scale_index], live_rows, _bias_view(weights, place)
 
     def live_rows(self, adapter: Adapter) -> LiveRows:
         """The rank rows of each block that ``adapter`` fills (a validated adapter: every layer has a placement)."""
@@ -338,7 +332,8 @@ class SlotLayout:
             pad = not fresh and (written < rows or stale_bias)
             if layer is None and not pad:
                 continue
-            lora_A, lora_B, _, _, bias = self.views(weights[place.group], scales[place.group], live[place.group], name)
+            lora_A, lora_B = _weight_views(weights[place.group], place)
+            bias = _bias_view(weights[place.group], place)
             if pad:
                 pads += [lora_A[written:rows], lora_B[:, written:rows], *([bias] if stale_bias else [])]
             if layer is None:
@@ -404,6 +399,23 @@ def _plan_group(
     return numel, tuple(blocks), slice(bias_start, numel) if has_bias else None, placements
 
 
+def _weight_views(weights: torch.Tensor, place: LayerPlacement) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lora_A [..., R, *a_tail]`` and ``lora_B [..., out, R]`` of ``place`` inside ``weights [..., numel]``."""
+    lead, lead_strides = weights.shape[:-1], weights.stride()[:-1]
+    start = weights.storage_offset()
+    lora_A = weights.as_strided((*lead, *place.a_shape), (*lead_strides, *place.a_strides), start + place.a_offset)
+    lora_B = weights.as_strided(
+        (*lead, place.spec.out, place.rank), (*lead_strides, 1, place.row_stride), start + place.b_offset
+    )
+    return lora_A, lora_B
+
+
+def _bias_view(weights: torch.Tensor, place: LayerPlacement) -> torch.Tensor | None:
+    if place.bias_offset is None:
+        return None
+    return weights[..., place.bias_offset : place.bias_offset + place.spec.out]
+
+
 def _aligned(size: int, align: int) -> int:
     return -(-size // align) * align
 
@@ -443,6 +455,18 @@ def check_saved_base_weights(adapter: Adapter, base_weight: Callable[[str], torc
 def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias: bool) -> None:
     spec = place.spec
     rank = layer.rank
+    if (  # the common case in one expression (loads check every layer); anything else gets the checks that name it
+        rank <= place.rank
+        and spec.groups == 1
+        and not spec.b_trailing
+        and layer.lora_bias is None
+        and layer.lora_A.shape == (rank, *spec.a_tail)
+        and layer.lora_B.shape == (spec.out, rank)
+        and layer.lora_A.is_floating_point()
+        and layer.lora_B.is_floating_point()
+        and math.isfinite(layer.scaling)
+    ):
+        return
     if rank > place.rank:
         raise RankOverCapacityError(
             f"layer {name!r}: the adapter's rank {rank} exceeds the capacity's rank {place.rank} there; "
@@ -491,7 +515,7 @@ def _check_values(layers: Iterable[tuple[str, LayerLora, torch.dtype | None]]) -
         for role, tensor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_bias", layer.lora_bias))
         if tensor is not None and tensor.numel()
     ]
-    limits = [torch.finfo(dtype or torch.float32).max for *_, dtype in named]
+    limits = [_float_max(dtype or torch.float32) for *_, dtype in named]
     if _norms_within([tensor for _, _, tensor, _ in named], limits):
         return
     for (name, role, tensor, dtype), limit in zip(named, limits):
@@ -516,6 +540,11 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     )
 
 
+@functools.cache
+def _float_max(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
 def _norms_within(tensors: Sequence[torch.Tensor], limits: Sequence[float]) -> bool:
     """Whether each tensor's float32 norm is at most its limit (NaN and inf propagate through a norm, so they fail).
 
@@ -536,6 +565,10 @@ def _padded_pairs(
     ``lora_B`` becomes block-diagonal, so the dense 1x1 expand equals PEFT's grouped one.
     """
     groups = spec.groups
+    if groups == 1:  # nearly every layer: the rank's leading rows, no block-diagonal placement
+        rank = layer.rank
+        source_B = layer.lora_B.reshape(spec.out, rank) if spec.b_trailing else layer.lora_B
+        return [(lora_A[:rank], layer.lora_A), (lora_B[:, :rank], source_B)]
     rank_in, rank_out = layer.rank // groups, lora_A.shape[0] // groups
     outs = spec.out // groups
     source_B = layer.lora_B.reshape(spec.out, rank_in)

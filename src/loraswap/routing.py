@@ -82,12 +82,7 @@ class Router:
 
     def _terms(self, table: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slot ids, weights)`` of each row's non-zero entries, at most ``max_blend`` of them."""
-        if per_token:
-            raise SlotError(
-                f"per-token routing needs every slot computed for every token, but this capacity gathers "
-                f"each row's {self.max_blend} slot(s) (Capacity.max_blend={self.max_blend}); attach with "
-                f"Capacity(max_blend={self.slots}) (= slots) to route packed tokens"
-            )
+        self._check_per_token(per_token)
         used = (table != 0).sum(dim=1)
         if int(used.max()) > self.max_blend:
             row = int(used.argmax())
@@ -98,6 +93,15 @@ class Router:
             )
         slot_ids = table.abs().topk(self.max_blend, dim=1).indices
         return slot_ids, table.gather(1, slot_ids)
+
+    def _check_per_token(self, per_token: bool) -> None:
+        """Per-token routing needs the dense capacity: a gathering one reads each row's slots, not each token's."""
+        if per_token and self.row_slots is not None:
+            raise SlotError(
+                f"per-token routing needs every slot computed for every token, but this capacity gathers "
+                f"each row's {self.max_blend} slot(s) (Capacity.max_blend={self.max_blend}); attach with "
+                f"Capacity(max_blend={self.slots}) (= slots) to route packed tokens"
+            )
 
     def check_slot(self, slot: int, what: str = "slot") -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.slots:
@@ -121,12 +125,27 @@ class Router:
                 f"route got {len(ids)} {unit}s but the routing table holds {self.max_batch}; "
                 f"attach with Capacity(max_batch={len(ids)}) or more"
             )
-        table = torch.zeros(self.rows, self.slots)
         for position, slot in enumerate(ids):
             if slot != -1:
                 self.check_slot(slot, f"{unit} {position} routed to slot")
-                table[position, slot] = 1.0
-        self._write(table, per_token)
+        self._check_per_token(per_token)
+        slot_ids = torch.zeros(self.rows, dtype=torch.long)  # rows past the list: slot 0 at weight 0
+        weights = torch.zeros(self.rows)
+        if ids:
+            routed = torch.tensor(ids)
+            slot_ids[: len(ids)] = routed.clamp(min=0)
+            weights[: len(ids)] = (routed != -1).float()
+        self._write_one_hot(slot_ids, weights, per_token)
+
+    def _write_one_hot(self, slot_ids: torch.Tensor, weights: torch.Tensor, per_token: bool) -> None:
+        """Each row reads one slot at a weight (0 or 1): the K-term form is that slot as the first term, built
+        without the general path's top-k (``route`` runs once per batch in a serving loop)."""
+        if self.row_slots is not None:
+            terms = self._first_term * weights[:, None]
+            self.row_slots.copy_(slot_ids[:, None].expand(-1, self.max_blend), non_blocking=True)
+            self.row_terms.copy_(terms, non_blocking=True)
+        table = torch.zeros(self.rows, self.slots).scatter_(1, slot_ids[:, None], weights[:, None])
+        self._write_dense(table, per_token)
 
     def blend(self, weights: BlendWeights | Sequence[BlendWeights]) -> None:
         """One mapping for every row, or one mapping per row (rows past the list use the base model)."""

@@ -13,6 +13,7 @@ before reading a tensor, so the two always agree.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +132,9 @@ KEY_SEGMENT_FEATURES = (
     ("modules_to_save", MODULES_TO_SAVE),
     ("trainable_tokens", TRAINABLE_TOKENS),
 )
-_SEGMENT_PREFIXES = tuple(prefix for prefix, _ in KEY_SEGMENT_FEATURES)
+# a dot-separated segment that starts with one of the prefixes: one search per key (loads check every key of a file)
+_FEATURE_SEGMENT = re.compile(r"(?:^|\.)(" + "|".join(re.escape(prefix) for prefix, _ in KEY_SEGMENT_FEATURES) + ")")
+_PREFIX_FEATURES = dict(KEY_SEGMENT_FEATURES)
 FULL_DIFF_SEGMENTS = ("diff", "diff_b")
 # PEFT's EMBEDDING_LAYER_NAMES: whole weights of these modules in a LoRA file are saved embeddings.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared")
@@ -140,19 +143,19 @@ BASE_LAYER_WEIGHT = ".base_layer.weight"
 
 def key_feature(key: str) -> Feature | None:
     """The feature a single key shows, or None for a key that shows none (a LoRA key, or an unknown one)."""
-    segments = key.split(".")
-    for segment in segments:
-        if segment.startswith(_SEGMENT_PREFIXES):  # one C call per segment: loads check every key of a file
-            return next(feature for prefix, feature in KEY_SEGMENT_FEATURES if segment.startswith(prefix))
-    if segments[-1] in FULL_DIFF_SEGMENTS:
+    segment = _FEATURE_SEGMENT.search(key)
+    if segment is not None:  # the first such segment, and the first prefix in KEY_SEGMENT_FEATURES it starts with
+        return _PREFIX_FEATURES[segment.group(1)]
+    owner, _, last = key.rpartition(".")
+    if last in FULL_DIFF_SEGMENTS:
         return FULL_DIFF
     if key.endswith(("query_norm.scale", "key_norm.scale")):
         return BFL_CONTROL
     if "lora" in key.lower() or key.endswith(BASE_LAYER_WEIGHT):  # "lora" in some segment ("lora" holds no dot)
         return None
-    if segments[-1] == "bias":
+    if last == "bias":
         return TRAINED_BIAS
-    if segments[-1] == "weight" and len(segments) > 1 and segments[-2] in EMBEDDING_NAMES:
+    if last == "weight" and owner.rpartition(".")[2] in EMBEDDING_NAMES:
         return SAVED_EMBEDDING
     return None
 

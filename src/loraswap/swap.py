@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, load_adapter
+from .adapter import Adapter, AdapterSource, ReadBuffer, load_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import LayoutChangedError, SlotError
@@ -80,6 +80,7 @@ class AdapterSlots:
         self.cache = cache
         self.lock = threading.RLock()
         self._write_lock = threading.Lock()  # slot writes vs the routing verbs; taken after ``lock``
+        self._read_buffers = threading.local()  # per thread: the file buffer that loads without a host cache reuse
         self._loaded: dict[int, str] = {}
         self._read_slots: frozenset[int] = frozenset({0})  # slots some row reads with a non-zero weight
         self._prefetcher: ThreadPoolExecutor | None = None
@@ -142,7 +143,7 @@ class AdapterSlots:
         if self.cache.max_bytes or self._copy_stream is not None:
             self._write_packed(self.packed(source, allow_pickle=allow_pickle), slot)
             return
-        adapter = load_adapter(source, allow_pickle=allow_pickle)
+        adapter = load_adapter(source, allow_pickle=allow_pickle, scratch=self._read_buffer())
         check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
         self.layout.validate(adapter, cast=True)
 
@@ -150,6 +151,13 @@ class AdapterSlots:
             self.layout.fill(adapter, *rows)
 
         self._write_slot(slot, adapter.source, write)
+
+    def _read_buffer(self) -> ReadBuffer:
+        """This thread's read buffer: a load reads, validates and writes an adapter before the thread reads another."""
+        buffer = getattr(self._read_buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._read_buffers.buffer = ReadBuffer()
+        return buffer
 
     def load_packed(self, packed: PackedAdapter, slot: int = 0) -> None:
         """Copy an adapter that :meth:`pack` (or :meth:`packed`) prepared into ``slot``: the write half of ``load``."""
