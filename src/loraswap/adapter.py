@@ -312,17 +312,14 @@ def read_whole_safetensors(
     ``(None, metadata)`` when a dtype has no torch equivalent or an offset is not aligned to its
     element size: the caller then reads with ``safe_open``.
     """
-    from .info import read_safetensors_header, torch_dtype  # info reads headers with this module's helpers
+    from .info import read_safetensors_header  # info reads headers with this module's helpers
 
     header = read_safetensors_header(path)
     nbytes = header.file_bytes - header.data_start
     data = scratch.take(nbytes) if scratch is not None else torch.empty(nbytes, dtype=torch.uint8)
-    views = {}
-    for key, entry in header.tensors.items():
-        dtype = torch_dtype(entry.dtype)
-        if dtype is None or entry.begin % dtype.itemsize:
-            return None, header.metadata
-        views[key] = data[entry.begin : entry.end].view(dtype).view(entry.shape)
+    views = _tensor_views(data, header.tensors)
+    if views is None:
+        return None, header.metadata
     try:
         with open(path, "rb", buffering=0) as handle:
             handle.seek(header.data_start)
@@ -332,6 +329,28 @@ def read_whole_safetensors(
     if read != data.numel():
         raise AdapterFormatError(f"{path}: {read} of {data.numel()} tensor bytes could be read; the file is truncated")
     return views, header.metadata
+
+
+def _tensor_views(data: torch.Tensor, tensors: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Each header entry as a view of ``data`` (the file's tensor bytes, which the entries tile: the header check
+    ensures it); None when a dtype has no torch equivalent or an offset is not aligned to its element size.
+
+    One dtype (the usual file) takes one ``split`` and one ``view`` per tensor instead of a slice and two views."""
+    from .info import torch_dtype  # info reads headers with this module's helpers
+
+    dtypes = {entry.dtype for entry in tensors.values()}
+    dtype = torch_dtype(next(iter(dtypes))) if len(dtypes) == 1 else None
+    if dtype is not None and data.numel() % dtype.itemsize == 0:
+        ordered = sorted(tensors.items(), key=lambda item: item[1].begin)
+        parts = data.view(dtype).split_with_sizes([entry.numel for _, entry in ordered])
+        return {key: part.view(entry.shape) for (key, entry), part in zip(ordered, parts)}
+    views = {}
+    for key, entry in tensors.items():
+        dtype = torch_dtype(entry.dtype)
+        if dtype is None or entry.begin % dtype.itemsize:
+            return None
+        views[key] = data[entry.begin : entry.end].view(dtype).view(entry.shape)
+    return views
 
 
 def _read_part(key: str, sliceable: Callable[[str], Any], shard: ShardFn | None, whole: Callable[[str], torch.Tensor]):

@@ -132,9 +132,14 @@ KEY_SEGMENT_FEATURES = (
     ("modules_to_save", MODULES_TO_SAVE),
     ("trainable_tokens", TRAINABLE_TOKENS),
 )
-# a dot-separated segment that starts with one of the prefixes: one search per key (loads check every key of a file)
+# a dot-separated segment that starts with one of the prefixes: one search per key
 _FEATURE_SEGMENT = re.compile(r"(?:^|\.)(" + "|".join(re.escape(prefix) for prefix, _ in KEY_SEGMENT_FEATURES) + ")")
 _PREFIX_FEATURES = dict(KEY_SEGMENT_FEATURES)
+# the same segments in keys joined by newlines: a few substring tests over a whole file's keys
+_SEGMENT_PREFIXES = tuple(prefix for prefix, _ in KEY_SEGMENT_FEATURES)
+_SEGMENT_NEEDLES = tuple(separator + prefix for prefix in _SEGMENT_PREFIXES for separator in ".\n")
+# the keys of a plain LoRA layer: they show a feature only through a segment (see key_feature)
+_PLAIN_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 FULL_DIFF_SEGMENTS = ("diff", "diff_b")
 # PEFT's EMBEDDING_LAYER_NAMES: whole weights of these modules in a LoRA file are saved embeddings.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared")
@@ -162,6 +167,10 @@ def key_feature(key: str) -> Feature | None:
 
 def unsupported_in_keys(keys: Iterable[str]) -> list[Unsupported]:
     """One entry per feature the key names show, with the first key that shows it."""
+    keys = list(keys)
+    joined = "\n".join(keys)
+    if not joined.startswith(_SEGMENT_PREFIXES) and not any(needle in joined for needle in _SEGMENT_NEEDLES):
+        keys = [key for key in keys if not key.endswith(_PLAIN_LORA_SUFFIXES)]  # no key has a feature segment
     found: dict[str, Unsupported] = {}
     for key in keys:
         feature = key_feature(key)
