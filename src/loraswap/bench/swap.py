@@ -13,9 +13,14 @@ timed in alternating rounds in one process:
 - padded floor: one ``copy_`` of a whole padded slot row from host memory (what a swap that copies every
   padded byte cannot beat);
 - live floor: one ``copy_`` of as many bytes as the adapter's live rank rows hold (its rank, not the
-  capacity's: the bytes a swap of that adapter must move, see :mod:`loraswap.layout`). A swap also
-  zeroes the rows the slot's previous, larger adapter filled, which this floor does not count. The
+  capacity's: the bytes a swap of that adapter must move, see :mod:`loraswap.layout`). The
   ``<= 1.3x the copy floor`` target uses this floor.
+
+Each floor copies into a destination of its own, as each swap mode writes a slot of its own. (Until
+2026-11-28 the two floors shared one, written twice as often as any slot row. The live floor of a
+rank-64 adapter then measured 0.9-1.0 ms in some runs, while a probe timed the warm swap's copy of
+the same bytes into its slot, in the same mix of modes, at 1.15 ms; with its own destination the
+floor measures 1.25 ms.)
 
 Each swap mode cycles through the four adapters, and a swap of rank 64 costs about eight times one of
 rank 8, so the samples of one mode form four clusters. The figure per mode is the mean over the four
@@ -138,8 +143,8 @@ def _modes(base: torch.nn.Module, paths: list[str], max_rank: int):
     packed = [warm.packed(path) for path in paths]
     if len(packed[0].weights) != 1:
         raise RuntimeError("the swap benchmark expects one dtype group (one flat buffer per slot)")
-    floor_destination = torch.empty_like(packed[0].weights[0])
-    live = [(floor_destination[: entry.live_numel[0]], entry.weights[0][: entry.live_numel[0]]) for entry in packed]
+    floor_destination, live_destination = (torch.empty_like(packed[0].weights[0]) for _ in range(2))
+    live = [(live_destination[: entry.live_numel[0]], entry.weights[0][: entry.live_numel[0]]) for entry in packed]
 
     names = [Path(path).name for path in paths]
     shifted = names[2:] + names[:2]  # the floors cycle from another adapter than the swaps
