@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
+from loraswap.adapter import ReadBuffer
 from loraswap.synthetic import peft_reference, write_peft_adapter
 
 
@@ -49,6 +50,24 @@ def test_lone_safetensors_file_with_config_in_its_header(llama_adapters, tmp_pat
     save_file(load_file(llama_adapters["attn-r2"] / "adapter_model.safetensors"), lone,
               metadata={"lora_adapter_metadata": config})
     assert {layer.scaling for layer in loraswap.load_adapter(lone).layers.values()} == {4 / 2}
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16, torch.float32, torch.float16)])
+def test_every_tensor_reads_back_exactly_whatever_the_dtypes(llama_adapters, tmp_path, dtypes):
+    """A whole-file read views one buffer: one split for a file of one dtype, a view per tensor otherwise; into a
+    fresh buffer or a reused one, every tensor is the one saved."""
+    saved = load_file(llama_adapters["attn-r2"] / "adapter_model.safetensors")
+    saved = {key: tensor.to(dtypes[index % len(dtypes)]) for index, (key, tensor) in enumerate(sorted(saved.items()))}
+    path = tmp_path / "adapter.safetensors"
+    save_file(saved, path)
+    scratch = ReadBuffer()
+    for buffer in (None, scratch, scratch):
+        layers = loraswap.load_adapter(path, scratch=buffer).layers
+        read = {f"base_model.model.{name}.{role}.weight": getattr(layer, role)
+                for name, layer in layers.items() for role in ("lora_A", "lora_B")}
+        assert read.keys() == saved.keys()
+        for key, tensor in saved.items():
+            assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor), key
 
 
 def test_hub_id_resolves_offline_from_the_local_cache(llama_adapters, tmp_path, monkeypatch):
