@@ -136,8 +136,8 @@ class AdapterSlots:
         """Hot-swap ``source`` into ``slot``: transactional, cached, no recompilation.
 
         Safe while forwards run when no row reads ``slot``; otherwise it waits for ``lock``.
-        Without a host cache (``cache_bytes=0``) on CPU, the adapter is read and validated, then
-        copied straight into the slot: no padded host copy is built.
+        Without a host cache (``cache_bytes=0``) on CPU, the adapter is read (into a buffer this thread reuses)
+        and validated, then copied straight into the slot: no padded host copy is built.
         """
         self.router.check_slot(slot)
         if self.cache.max_bytes or self._copy_stream is not None:
