@@ -455,18 +455,6 @@ def check_saved_base_weights(adapter: Adapter, base_weight: Callable[[str], torc
 def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias: bool) -> None:
     spec = place.spec
     rank = layer.rank
-    if (  # the common case in one expression (loads check every layer); anything else gets the checks that name it
-        rank <= place.rank
-        and spec.groups == 1
-        and not spec.b_trailing
-        and layer.lora_bias is None
-        and layer.lora_A.shape == (rank, *spec.a_tail)
-        and layer.lora_B.shape == (spec.out, rank)
-        and layer.lora_A.is_floating_point()
-        and layer.lora_B.is_floating_point()
-        and math.isfinite(layer.scaling)
-    ):
-        return
     if rank > place.rank:
         raise RankOverCapacityError(
             f"layer {name!r}: the adapter's rank {rank} exceeds the capacity's rank {place.rank} there; "
@@ -480,23 +468,21 @@ def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias
             f"layer {name!r}: rank {rank} is not a multiple of the conv's groups={spec.groups}; "
             "PEFT cannot build such an adapter either: retrain with a rank divisible by groups"
         )
-    expected = {
-        "lora_A": (rank, *spec.a_tail),
-        "lora_B": (spec.out, rank // spec.groups, *([1] * spec.b_trailing)),
-    }
-    tensors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    checks = [  # (role, tensor, the shape the layer needs)
+        ("lora_A", layer.lora_A, (rank, *spec.a_tail)),
+        ("lora_B", layer.lora_B, (spec.out, rank // spec.groups, *([1] * spec.b_trailing))),
+    ]
     if layer.lora_bias is not None:
         if not has_bias:
             raise CapacityError(
                 f"layer {name!r}: the adapter has a LoRA bias (lora_bias=True) but the capacity has no room "
                 "for one; attach with Capacity(lora_bias=True)"
             )
-        expected["lora_bias"] = (spec.out,)
-        tensors["lora_bias"] = layer.lora_bias
-    for role, tensor in tensors.items():
-        if tuple(tensor.shape) != expected[role]:
+        checks.append(("lora_bias", layer.lora_bias, (spec.out,)))
+    for role, tensor, shape in checks:
+        if tensor.shape != shape:
             raise ShapeMismatchError(
-                f"layer {name!r}: {role} has shape {tuple(tensor.shape)} but the layer needs {expected[role]}; "
+                f"layer {name!r}: {role} has shape {tuple(tensor.shape)} but the layer needs {shape}; "
                 "the adapter was trained for a different base model"
             )
         if not tensor.is_floating_point():
@@ -535,7 +521,7 @@ def _check_values(layers: Iterable[tuple[str, LayerLora, torch.dtype | None]]) -
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every value is finite; element-wise only when a norm is not (a huge finite tensor can overflow it)."""
     tensors = [tensor for tensor in tensors if tensor.numel()]
-    return _norms_within(tensors, [torch.finfo(torch.float32).max] * len(tensors)) or all(
+    return _norms_within(tensors, [_float_max(torch.float32)] * len(tensors)) or all(
         bool(torch.isfinite(tensor).all()) for tensor in tensors
     )
 
