@@ -45,6 +45,23 @@ def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
         assert torch.equal(after[name], tensor), name
 
 
+def slot_row(slots, slot: int) -> tuple[list[torch.Tensor], ...]:
+    """``slot``'s (weights, scales, live masks), one row per group in each."""
+    storage = slots.storage
+    return tuple([tensor[slot] for tensor in part] for part in (storage.weights, storage.scales, storage.live))
+
+
+def holds_rows_past_live(slots, slot: int) -> bool:
+    """Whether some layer's ``lora_A`` in ``slot`` holds non-zero values in rank rows that are not live."""
+    weights, scales, masks = slot_row(slots, slot)
+    for name, place in slots.layout.placements.items():
+        group = place.group
+        lora_A, _, _, live, _ = slots.layout.views(weights[group], scales[group], masks[group], name)
+        if lora_A[~live].any():
+            return True
+    return False
+
+
 @pytest.fixture(scope="session")
 def llama_base():
     return tiny_llama(hidden=64, layers=2, vocab=96)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import loraswap
 from loraswap import Capacity, attach
 
-from conftest import LLAMA_ADAPTERS
+from conftest import LLAMA_ADAPTERS, holds_rows_past_live, slot_row
 
 NAMES = sorted(LLAMA_ADAPTERS)
 CAPACITIES = {
@@ -35,12 +35,6 @@ def served(layout, weights, scales, live) -> list[torch.Tensor]:
         tensors += [lora_A * rows.reshape(-1, *[1] * (lora_A.dim() - 1)), lora_B * rows, scale]
         tensors += [] if bias is None else [bias]
     return tensors + list(live)
-
-
-def slot_row(slots, slot: int) -> tuple[list[torch.Tensor], ...]:
-    """``slot``'s (weights, scales, live masks), one row per group in each."""
-    storage = slots.storage
-    return tuple([tensor[slot] for tensor in part] for part in (storage.weights, storage.scales, storage.live))
 
 
 def served_by_slot(slots, slot: int) -> list[torch.Tensor]:
@@ -103,14 +97,3 @@ def test_swaps_down_in_rank_give_the_fresh_slots_outputs_compiled_without_recomp
                 assert torch.equal(compiled(llama_tokens).logits, fresh[name]), name
                 masked_stale_rows |= holds_rows_past_live(slots, 0)
     assert masked_stale_rows, "no swap down in rank left rows behind: the mask was never exercised"
-
-
-def holds_rows_past_live(slots, slot: int) -> bool:
-    """Whether some layer's ``lora_A`` in ``slot`` holds non-zero values in rank rows that are not live."""
-    weights, scales, masks = slot_row(slots, slot)
-    for name, place in slots.layout.placements.items():
-        group = place.group
-        lora_A, _, _, live, _ = slots.layout.views(weights[group], scales[group], masks[group], name)
-        if lora_A[~live].any():
-            return True
-    return False

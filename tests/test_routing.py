@@ -11,6 +11,8 @@ from torch import nn
 import loraswap
 from loraswap.synthetic import merged_reference, peft_multi_adapter, write_adapters
 
+from conftest import holds_rows_past_live
+
 MAX_BATCH = 8
 
 
@@ -250,13 +252,20 @@ def test_per_token_routing_matches_peft(packed_setup, shape):
 
 @pytest.fixture(scope="module")
 def gathered(llama_base, llama_adapters):
-    """The same four adapters in the default capacity (``max_blend=1``): every layer gathers each row's slot."""
+    """The same four adapters in the default capacity (``max_blend=1``): every layer gathers each row's slot.
+
+    Each slot held every other adapter first, so rank rows past the live ones hold stale values the gather
+    must never read."""
     model = copy.deepcopy(llama_base)
     capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=4, max_batch=MAX_BATCH)
     assert capacity.max_blend == 1
     slots = loraswap.attach(model, capacity)
-    for slot, path in enumerate(llama_adapters.values()):
+    paths = list(llama_adapters.values())
+    for slot, path in enumerate(paths):
+        for earlier in paths[slot + 1 :] + paths[:slot]:
+            slots.load(earlier, slot=slot)
         slots.load(path, slot=slot)
+    assert any(holds_rows_past_live(slots, slot) for slot in range(len(paths)))
     return model, slots
 
 

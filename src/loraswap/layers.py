@@ -5,9 +5,10 @@ Each slot layer holds, as registered buffers that never change shape, dtype, dev
 (bool: the rank rows the slot's adapter fills), an optional ``lora_bias [slots, out]``, and the routing
 tensors of :class:`~loraswap.routing.Router`, shared by all layers. Its output is
 ``base(x) + sum_s w_s * scale_s * (B_s (live_s * A_s x) + bias_s)`` with ``w`` the row's routing weights;
-a rank row that is not live, a zero slot or a zero weight adds exactly nothing. (The mask is a
-``where``, not a product: rank rows past the live ones may hold a previous adapter's values, which
-a swap does not spend time zeroing; see :mod:`loraswap.layout`.)
+a rank row that is not live, a zero slot or a zero weight adds exactly nothing. (Rank rows past the
+live ones may hold a previous adapter's values, which a swap does not spend time zeroing, see
+:mod:`loraswap.layout`: the dense kernel masks the shrunk activations with a ``where``, not a
+product; the gathered kernel never reads those rows, see :meth:`SlotLayer._live_slot_rows`.)
 
 How a layer picks its kernel: once, in ``__init__`` (at ``attach``), from the router's static
 shapes, stored as the Python attribute ``gathered`` that never changes afterwards (no branch on
@@ -21,7 +22,7 @@ values that change per batch, so routing never recompiles):
   each row indexes its own K slots out of the buffers (``lora_A[row_slots]``: ``[B, K, R, *a_tail]``,
   ``lora_B[row_slots]``: ``[B, K, out, R]``, weights ``row_terms``) and runs batched matmuls
   (Linear, Conv1D), a lookup (Embedding) or a grouped convolution (convs, one group per row).
-  Cost: K adapters per row plus one small gather, however many slots are resident.
+  Cost: K adapters per row plus a copy of their live rank rows, however many slots are resident.
 
 A subclass for another base layer (a sharded one, say) keeps the buffers, implements
 :meth:`SlotLayer.spec`, and in ``forward`` calls ``_token_routing``/``_expand`` or
@@ -41,6 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .routing import Router, coefficients, row_coefficients
+
+
+def slot_rows(buffer: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    """``buffer[slot_ids]`` without a bounds check: the slot ids come from the router's tables, which
+    hold only checked ids (:class:`~loraswap.routing.Router` validates every slot before it writes).
+
+    Under ``torch.compile`` the check of an ordinary index sits in the gather's inner copy loop, once
+    per vector, and keeps the loop from becoming a plain vectorised copy: with it, the gathers of a
+    routed batch cost about twice as much (see ``loraswap bench mixed`` in the README).
+    """
+    return torch.ops.aten._unsafe_index(buffer, [slot_ids])
 
 
 @dataclass(frozen=True)
@@ -126,12 +138,23 @@ class SlotLayer(nn.Module):
         """
         row = torch.arange(batch, device=self.row_slots.device).clamp(max=self.row_slots.shape[0] - 1)
         slot_ids = self.row_slots[row]
-        return slot_ids, self.row_terms[row] * self.scale[slot_ids]
+        return slot_ids, self.row_terms[row] * slot_rows(self.scale, slot_ids)
 
     def _rank_major_B(self) -> torch.Tensor:
         """``lora_B`` as ``[slots, R, out]``: the order the layout stores it in (rank row ``k`` holds ``lora_B[:, k]``
         contiguously, see :mod:`loraswap.layout`), so gathering rows of it reads contiguous memory."""
         return self.lora_B.transpose(1, 2)
+
+    def _live_slot_rows(self, buffer: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """Each row's slots of ``buffer`` (``[slots, R, ...]`` -> ``[B, K, R, ...]``), rank rows that are not live read as zeros.
+
+        A masked gather: a rank row that is not live is never read from memory, so a row on a rank-4
+        adapter in a rank-32 capacity copies 4 rank rows, not 32, and rank rows a swap left stale
+        (see :mod:`loraswap.layout`) add exactly nothing.
+        """
+        live = slot_rows(self.live, slot_ids)  # [B, K, R]
+        mask = live.reshape(*live.shape, *[1] * (buffer.dim() - 2))
+        return torch.ops.aten._unsafe_masked_index(buffer, mask, [slot_ids], 0)
 
     def _gathered_expand(self, hidden: torch.Tensor, slot_ids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """Gathered kernel: shrunk activations ``[B, P, K, R]`` -> delta ``[B, P, out]`` through each row's ``lora_B``.
@@ -140,8 +163,7 @@ class SlotLayer(nn.Module):
         scales each term's shrunk activations and one batched matmul sums the terms.
         """
         batch, positions, terms, rank = hidden.shape
-        hidden = torch.where(self.live[slot_ids][:, None], hidden, 0)
-        lora_B_t = self._rank_major_B()[slot_ids]  # [B, K, R, out]
+        lora_B_t = self._live_slot_rows(self._rank_major_B(), slot_ids)  # [B, K, R, out]
         if terms == 1:
             delta = torch.bmm(hidden.reshape(batch, positions, rank), lora_B_t[:, 0])
             delta = delta * coef.to(delta.dtype)[:, :, None]
@@ -149,7 +171,7 @@ class SlotLayer(nn.Module):
             hidden = hidden * coef.to(hidden.dtype)[:, None, :, None]
             delta = torch.bmm(hidden.reshape(batch, positions, terms * rank), lora_B_t.reshape(batch, terms * rank, -1))
         if self.lora_bias is not None:
-            bias = torch.bmm(coef.to(self.lora_bias.dtype)[:, None, :], self.lora_bias[slot_ids])
+            bias = torch.bmm(coef.to(self.lora_bias.dtype)[:, None, :], slot_rows(self.lora_bias, slot_ids))
             delta = delta + bias.to(delta.dtype)
         return delta
 
@@ -178,7 +200,7 @@ class SlotLinear(SlotLayer):
         """``[B, T, in]`` -> ``[B, T, out]``: one batched shrink over each row's own K slots, then the expand."""
         batch, positions, _ = rows.shape
         slot_ids, coef = self._gathered_terms(batch)
-        lora_A = self.lora_A[slot_ids]  # [B, K, R, in]
+        lora_A = self._live_slot_rows(self.lora_A, slot_ids)  # [B, K, R, in]
         hidden = torch.bmm(rows, lora_A.reshape(batch, -1, lora_A.shape[-1]).transpose(1, 2))
         return self._gathered_expand(hidden.reshape(batch, positions, *lora_A.shape[1:3]), slot_ids, coef)
 
@@ -206,6 +228,7 @@ class SlotEmbedding(SlotLayer):
             ids = x.reshape(batch, -1)
             slot_ids, coef = self._gathered_terms(batch)
             hidden = self.lora_A.permute(0, 2, 1)[slot_ids[:, None, :], ids[:, :, None]]  # [B, T, K, R]: a lookup
+            hidden = torch.where(slot_rows(self.live, slot_ids)[:, None], hidden, 0)
             delta = self._gathered_expand(hidden, slot_ids, coef)
         else:
             slots, rank, vocab = self.lora_A.shape
@@ -261,7 +284,7 @@ class SlotConv(SlotLayer):
         """Each row convolves with its own K slots' ``lora_A``: one grouped convolution, a group per row."""
         batch, channels = x.shape[:2]
         slot_ids, coef = self._gathered_terms(batch)
-        lora_A = self.lora_A[slot_ids]  # [B, K, R, C, *kernel]
+        lora_A = self._live_slot_rows(self.lora_A, slot_ids)  # [B, K, R, C, *kernel]
         terms, rank = lora_A.shape[1:3]
         kernel = lora_A.reshape(batch * terms * rank, *lora_A.shape[3:])
         hidden = self._conv(x.reshape(1, batch * channels, *x.shape[2:]), kernel, groups=batch)
