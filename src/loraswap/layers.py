@@ -8,7 +8,7 @@ tensors of :class:`~loraswap.routing.Router`, shared by all layers. Its output i
 a rank row that is not live, a zero slot or a zero weight adds exactly nothing. (Rank rows past the
 live ones may hold a previous adapter's values, which a swap does not spend time zeroing, see
 :mod:`loraswap.layout`: the dense kernel masks the shrunk activations with a ``where``, not a
-product; the gathered kernel never reads those rows, see :meth:`SlotLayer._live_slot_rows`.)
+product; the gathered kernel never reads those rows, see :meth:`SlotLayer._slot_weights`.)
 
 How a layer picks its kernel: once, in ``__init__`` (at ``attach``), from the router's static
 shapes, stored as the Python attribute ``gathered`` that never changes afterwards (no branch on
@@ -45,14 +45,16 @@ from .routing import Router, coefficients, row_coefficients
 
 
 def slot_rows(buffer: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-    """``buffer[slot_ids]`` without a bounds check: the slot ids come from the router's tables, which
-    hold only checked ids (:class:`~loraswap.routing.Router` validates every slot before it writes).
+    """``buffer[slot_ids]``: the rows of ``buffer`` (``[slots, ...]``) that ``slot_ids`` (any shape) names.
 
-    Under ``torch.compile`` the check of an ordinary index sits in the gather's inner copy loop, once
-    per vector, and keeps the loop from becoming a plain vectorised copy: with it, the gathers of a
-    routed batch cost about twice as much (see ``loraswap bench mixed`` in the README).
+    Compiled, an index without a bounds check: the ids come from the router's tables, which hold only checked
+    ids (:class:`~loraswap.routing.Router` validates every slot before it writes), and inductor would put the
+    check in the gather's inner copy loop, once per vector, which keeps the loop from being a plain vectorised
+    copy. Eager, ``index_select``: one block copy per id, several times faster than an advanced index.
     """
-    return torch.ops.aten._unsafe_index(buffer, [slot_ids])
+    if torch.compiler.is_compiling():
+        return torch.ops.aten._unsafe_index(buffer, [slot_ids])
+    return buffer.index_select(0, slot_ids.reshape(-1)).view(*slot_ids.shape, *buffer.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -145,16 +147,27 @@ class SlotLayer(nn.Module):
         contiguously, see :mod:`loraswap.layout`), so gathering rows of it reads contiguous memory."""
         return self.lora_B.transpose(1, 2)
 
-    def _live_slot_rows(self, buffer: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-        """Each row's slots of ``buffer`` (``[slots, R, ...]`` -> ``[B, K, R, ...]``), rank rows that are not live read as zeros.
+    def _slot_weights(self, buffer: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """Each row's slots of ``buffer`` (``[slots, R, ...]`` -> ``[B, K, R, ...]``).
 
-        A masked gather: a rank row that is not live is never read from memory, so a row on a rank-4
-        adapter in a rank-32 capacity copies 4 rank rows, not 32, and rank rows a swap left stale
-        (see :mod:`loraswap.layout`) add exactly nothing.
+        Compiled, rank rows that are not live read as zeros without being read: a masked gather, which inductor
+        turns into a condition around each load of the copy, so a row on a rank-4 adapter in a rank-32 capacity
+        copies 4 rank rows, not 32, and rows a swap left stale (see :mod:`loraswap.layout`) add exactly nothing.
+        Eager, where nothing fuses, the rows are copied as they are and :meth:`_mask_hidden` zeroes what the
+        rows that are not live produce: one pass over the small shrunk activations, not two over the weights.
         """
+        if not torch.compiler.is_compiling():
+            return slot_rows(buffer, slot_ids)
         live = slot_rows(self.live, slot_ids)  # [B, K, R]
         mask = live.reshape(*live.shape, *[1] * (buffer.dim() - 2))
         return torch.ops.aten._unsafe_masked_index(buffer, mask, [slot_ids], 0)
+
+    def _mask_hidden(self, hidden: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """Eager only (compiled, :meth:`_slot_weights` never reads those rows): shrunk activations ``[B, P, K, R]``
+        with the rank rows that are not live zeroed."""
+        if torch.compiler.is_compiling():
+            return hidden
+        return torch.where(slot_rows(self.live, slot_ids)[:, None], hidden, 0)
 
     def _gathered_expand(self, hidden: torch.Tensor, slot_ids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """Gathered kernel: shrunk activations ``[B, P, K, R]`` -> delta ``[B, P, out]`` through each row's ``lora_B``.
@@ -163,7 +176,8 @@ class SlotLayer(nn.Module):
         scales each term's shrunk activations and one batched matmul sums the terms.
         """
         batch, positions, terms, rank = hidden.shape
-        lora_B_t = self._live_slot_rows(self._rank_major_B(), slot_ids)  # [B, K, R, out]
+        hidden = self._mask_hidden(hidden, slot_ids)
+        lora_B_t = self._slot_weights(self._rank_major_B(), slot_ids)  # [B, K, R, out]
         if terms == 1:
             delta = torch.bmm(hidden.reshape(batch, positions, rank), lora_B_t[:, 0])
             delta = delta * coef.to(delta.dtype)[:, :, None]
@@ -200,7 +214,7 @@ class SlotLinear(SlotLayer):
         """``[B, T, in]`` -> ``[B, T, out]``: one batched shrink over each row's own K slots, then the expand."""
         batch, positions, _ = rows.shape
         slot_ids, coef = self._gathered_terms(batch)
-        lora_A = self._live_slot_rows(self.lora_A, slot_ids)  # [B, K, R, in]
+        lora_A = self._slot_weights(self.lora_A, slot_ids)  # [B, K, R, in]
         hidden = torch.bmm(rows, lora_A.reshape(batch, -1, lora_A.shape[-1]).transpose(1, 2))
         return self._gathered_expand(hidden.reshape(batch, positions, *lora_A.shape[1:3]), slot_ids, coef)
 
@@ -228,7 +242,7 @@ class SlotEmbedding(SlotLayer):
             ids = x.reshape(batch, -1)
             slot_ids, coef = self._gathered_terms(batch)
             hidden = self.lora_A.permute(0, 2, 1)[slot_ids[:, None, :], ids[:, :, None]]  # [B, T, K, R]: a lookup
-            hidden = torch.where(slot_rows(self.live, slot_ids)[:, None], hidden, 0)
+            hidden = torch.where(slot_rows(self.live, slot_ids)[:, None], hidden, 0)  # a lookup reads stale rows too
             delta = self._gathered_expand(hidden, slot_ids, coef)
         else:
             slots, rank, vocab = self.lora_A.shape
@@ -284,7 +298,7 @@ class SlotConv(SlotLayer):
         """Each row convolves with its own K slots' ``lora_A``: one grouped convolution, a group per row."""
         batch, channels = x.shape[:2]
         slot_ids, coef = self._gathered_terms(batch)
-        lora_A = self._live_slot_rows(self.lora_A, slot_ids)  # [B, K, R, C, *kernel]
+        lora_A = self._slot_weights(self.lora_A, slot_ids)  # [B, K, R, C, *kernel]
         terms, rank = lora_A.shape[1:3]
         kernel = lora_A.reshape(batch * terms * rank, *lora_A.shape[3:])
         hidden = self._conv(x.reshape(1, batch * channels, *x.shape[2:]), kernel, groups=batch)
