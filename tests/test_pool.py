@@ -133,7 +133,7 @@ def test_lru_evicts_the_least_recently_used(pool, names):
 
 
 def slot_state(slots) -> list[torch.Tensor]:
-    return [tensor.clone() for tensor in (*slots.storage.tensors, slots.router.row_weights)]
+    return [tensor.clone() for tensor in (*slots.storage.tensors, *slots.router.named_tables().values())]
 
 
 def assert_unchanged(pool, before_resident, before_state) -> None:

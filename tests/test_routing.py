@@ -292,13 +292,14 @@ def test_gathered_rows_match_peft_compiled_without_recompiles(gathered, referenc
 def test_gathered_capacity_refuses_wider_blends_and_per_token_routing(gathered):
     _, slots = gathered
     slots.route([0, 1])
-    before = [t.clone() for t in (slots.router.row_weights, slots.router.row_slots, slots.router.row_terms)]
+    before = {name: table.clone() for name, table in slots.router.named_tables().items()}
     with pytest.raises(loraswap.SlotError, match=r"mixes 2 slots but Capacity\.max_blend is 1"):
         slots.blend({0: 0.5, 1: 0.5})
     with pytest.raises(loraswap.SlotError, match=r"Capacity\(max_blend=4\)"):
         slots.route([0, 1], per_token=True)
-    after = (slots.router.row_weights, slots.router.row_slots, slots.router.row_terms)
-    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    after = slots.router.named_tables()
+    assert after.keys() == before.keys() == {"per_token", "row_slots", "row_terms"}
+    assert all(torch.equal(after[name], before[name]) for name in after)
     slots.blend({2: 0.25})
     assert torch.equal(slots.router.row_slots[:, 0], torch.full((MAX_BATCH + 1,), 2))
 

@@ -211,7 +211,7 @@ def serve_command(
 
 @bench_app.command("mixed")
 def bench_mixed(
-    rounds: int = typer.Option(15, help="Alternating timing rounds."),
+    rounds: int = typer.Option(50, help="Alternating timing rounds (each times every mode once)."),
     peft_mixes: int = typer.Option(3, min=1, help="New mixes to time on PEFT's compiled model (each recompiles)."),
     dtype: list[str] = typer.Option(["float32", "bfloat16"], "--dtype", help="Model dtype(s): float32, bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),

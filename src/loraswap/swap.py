@@ -95,7 +95,7 @@ class AdapterSlots:
             for slot in range(capacity.slots)
         ]
         self._destinations: dict[tuple[int, LiveRows], tuple[torch.Tensor, ...]] = {}
-        device = router.row_weights.device
+        device = router.per_token.device
         self._pin = device.type == "cuda"
         self._copy_stream = None
         if device.type == "cuda":
