@@ -71,7 +71,8 @@ def expected_routing(kind: str, arg, rows: int) -> torch.Tensor:
         table[:, arg] = 1
     elif kind == "route":
         for row, slot in enumerate(arg):
-            table[row, slot] = 0 if slot == -1 else 1
+            if slot != -1:  # -1: the base model only, the row stays zero
+                table[row, slot] = 1
     else:
         for row, weights in enumerate([arg] * rows if isinstance(arg, dict) else arg):
             for slot, weight in weights.items():
