@@ -6,18 +6,11 @@ loraswap.peft's in ``pytest_configure``, before any test module is imported (so 
 ``from peft.utils.hotswap import ...`` and diffusers' lazy imports get loraswap's). After
 collection it checks that every collected test module that imported one of them holds
 loraswap's, and stops the run otherwise. With ``LORASWAP_PEFT_IMPL=peft`` it changes nothing.
-
-PEFT's ``tests/testing_utils.py`` imports ``datasets.load_dataset`` for hub-backed helpers that
-TestHotSwapping never calls; when ``datasets`` is not installed, a module whose
-``load_dataset`` raises stands in for it, so the suite does not need that heavy install.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import types
 
 import pytest
 
@@ -32,20 +25,7 @@ def _implementation() -> str:
     return impl
 
 
-def _stand_in_for_datasets() -> None:
-    if "datasets" in sys.modules or importlib.util.find_spec("datasets") is not None:
-        return
-    module = types.ModuleType("datasets")
-
-    def load_dataset(*args, **kwargs):
-        raise RuntimeError("datasets is not installed; the PEFT hotswap suite does not load data sets")
-
-    module.load_dataset = load_dataset
-    sys.modules["datasets"] = module
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    _stand_in_for_datasets()
     if _implementation() != "loraswap":
         return
     import peft.utils.hotswap as peft_hotswap
@@ -64,7 +44,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     for holder in (peft_hotswap, *holders):
         for name in FUNCTIONS:
             function = getattr(holder, name, None)
-            if function is not None and function.__module__ != expected_module:
+            module = getattr(function, "__module__", "")
+            if function is not None and module != expected_module and not module.startswith(expected_module + "."):
                 raise pytest.UsageError(
                     f"{holder.__name__}.{name} is {function.__module__}.{name}, expected {expected_module}'s"
                 )

@@ -6,6 +6,7 @@ model, or ``PeftModel.from_pretrained`` with the adapter loaded the ordinary way
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import peft
 import peft.utils.hotswap as peft_hotswap
 from peft import LoraConfig, PeftModel, get_peft_model
 
+import loraswap
 import loraswap.peft as drop_in
+from loraswap.peft.common import PEFT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 INPUTS = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
@@ -142,7 +145,7 @@ def test_same_outputs_as_peft_functions(adapters, compiled):
 def test_repeated_swaps_come_from_the_host_cache(adapters, monkeypatch):
     reads = []
     monkeypatch.setattr(
-        drop_in, "load_peft_weights", lambda *a, **k: reads.append(a[0]) or peft.utils.load_peft_weights(*a, **k)
+        drop_in.hotswap, "load_peft_weights", lambda *a, **k: reads.append(a[0]) or peft.utils.load_peft_weights(*a, **k)
     )
     model = loaded(adapters["r4"])
     drop_in.prepare_model_for_compiled_hotswap(model, target_rank=8)
@@ -256,10 +259,13 @@ def test_failed_swap_is_transactional_where_peft_leaves_the_model_half_swapped(t
 
 
 def test_swapping_foo_leaves_foobar_alone(tmp_path):
-    """PEFT issue 3780: PEFT picks the adapter's keys by substring, so swapping ``foo`` zeroes ``foobar``."""
+    """PEFT issue 3780: PEFT before 0.22 picks the adapter's keys by substring, so swapping ``foo`` zeroes ``foobar``.
+
+    loraswap never does, on any PEFT; where the installed PEFT keeps ``foobar`` too, both models end equal.
+    """
     first = write_adapter(tmp_path / "first", 1, adapter_names=("foo", "foobar"), r=4, target_modules=["lin0", "lin1"])
     swap = write_adapter(tmp_path / "swap", 2, r=4, target_modules=["lin0", "lin1"])
-    foobar_lost = {}
+    foobar_lost, states = {}, {}
     for implementation in (peft_hotswap, drop_in):
         model = PeftModel.from_pretrained(base(), str(first / "foo"), adapter_name="foo")
         model.load_adapter(str(first / "foobar"), adapter_name="foobar")
@@ -268,25 +274,33 @@ def test_swapping_foo_leaves_foobar_alone(tmp_path):
         foobar_lost[implementation.__name__] = any(
             not torch.equal(value, model.state_dict()[key]) for key, value in foobar.items()
         )
+        states[implementation.__name__] = snapshot(model)
         if implementation is drop_in:
             with torch.no_grad():
                 torch.testing.assert_close(model(INPUTS), reference_output(swap), rtol=1e-5, atol=1e-5)
-    assert foobar_lost == {"peft.utils.hotswap": True, "loraswap.peft": False}
+    assert not foobar_lost["loraswap.peft"]
+    if not foobar_lost["peft.utils.hotswap"]:
+        assert_same_state(states["peft.utils.hotswap"], states["loraswap.peft"])
 
 
 def test_rank_pattern_scaling_follows_the_module_name(adapters):
-    """PEFT issue 3738: lin1 has rank 4 by rank_pattern, so its scaling is 9 / 4, not 9 / 8."""
+    """PEFT issue 3738: lin1 has rank 4 by rank_pattern, so its scaling is 9 / 4, not 9 / 8 (PEFT before 0.22).
+
+    loraswap gives 9 / 4 on any PEFT, and PEFT's scaling wherever the installed PEFT gets it right.
+    """
     scalings = {}
     for implementation in (peft_hotswap, drop_in):
         model = loaded(adapters["r8"])
         implementation.hotswap_adapter(model, str(adapters["rank-pattern"]), adapter_name="default")
-        scalings[implementation.__name__] = model.base_model.model.lin1.scaling["default"]
+        scalings[implementation.__name__] = float(model.base_model.model.lin1.scaling["default"])
         if implementation is drop_in:
             with torch.no_grad():
                 torch.testing.assert_close(
                     model(INPUTS), reference_output(adapters["rank-pattern"]), rtol=1e-5, atol=1e-5
                 )
-    assert scalings == {"peft.utils.hotswap": 9 / 8, "loraswap.peft": 9 / 4}
+    reference = float(loaded(adapters["rank-pattern"]).base_model.model.lin1.scaling["default"])
+    assert scalings["loraswap.peft"] == reference == 9 / 4
+    assert scalings["peft.utils.hotswap"] in (reference, 9 / 8)  # 9 / 8: the bug, before PEFT 0.22
 
 
 def test_peft_config_describes_the_loaded_adapter(adapters, tmp_path):
@@ -320,6 +334,56 @@ def test_wider_target_modules_let_later_adapters_target_new_layers(adapters):
             for name in ("lin1-only", "r4", "r8-lin0", "r2"):
                 drop_in.hotswap_adapter(compiled, str(adapters[name]), adapter_name="default")
                 torch.testing.assert_close(compiled(INPUTS), reference_output(adapters[name]), rtol=1e-5, atol=1e-5)
+
+
+def _lora_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if ".lora_" in name)
+
+
+def test_union_of_targets_compared_with_peft_create_dummy_lora_config(adapters, tmp_path):
+    """Adapters that target different layers: PEFT 0.22's ``create_dummy_lora_config`` against loraswap's plan.
+
+    Both serve every adapter exactly, without recompiling. PEFT's dummy pads every layer to the largest rank and
+    takes lists of names only; loraswap plans from the adapters themselves (a regex target included) and sizes
+    each layer to its own largest rank. PEFT before 0.22 has no such helper at all.
+    """
+    helpers = importlib.import_module("peft.helpers")
+    has_dummy = hasattr(helpers, "create_dummy_lora_config")
+    assert has_dummy == (PEFT_VERSION.release >= (0, 22))
+    regex = write_adapter(tmp_path / "regex", 11, r=2, lora_alpha=4, target_modules=r".*lin1")
+    paths = [adapters["r8-lin0"], adapters["lin1-only"], regex]
+
+    capacity = loraswap.Capacity.for_adapters(paths, model=base(), per_layer_rank=True)
+    assert set(capacity.target_modules) == {"lin0", "lin1"} and dict(capacity.layer_ranks) == {"lin0": 8, "lin1": 4}
+    model = base()
+    slots = loraswap.attach(model, capacity)
+    compiled = torch.compile(model, backend="eager")
+    loraswap_bytes = sum(t.numel() * t.element_size() for name, t in model.named_buffers() if ".lora_" in name)
+    assert loraswap_bytes == 4 * (8 * (10 + 20) + 4 * (20 + 5))  # fp32: lin0 at rank 8, lin1 at rank 4
+    with torch.no_grad(), loraswap.no_recompile():
+        compiled(INPUTS)
+        for path in paths:
+            slots.load(path, slot=0)
+            torch.testing.assert_close(compiled(INPUTS), reference_output(path), rtol=1e-5, atol=1e-5)
+
+    if not has_dummy:
+        return
+    list_targeted = paths[:2]
+    dummy = helpers.create_dummy_lora_config([LoraConfig.from_pretrained(str(path)) for path in list_targeted])
+    assert set(dummy.target_modules) == {"lin0", "lin1"} and dummy.r == 8
+    peft_model = get_peft_model(base(), dummy).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(INPUTS), base()(INPUTS))  # the dummy adds nothing
+    peft_hotswap.prepare_model_for_compiled_hotswap(peft_model, target_rank=8, config=dummy)
+    compiled_peft = torch.compile(peft_model, backend="eager")
+    with torch.no_grad(), loraswap.no_recompile():
+        compiled_peft(INPUTS)
+        for path in list_targeted:
+            peft_hotswap.hotswap_adapter(peft_model, str(path), adapter_name="default")
+            torch.testing.assert_close(compiled_peft(INPUTS), reference_output(path), rtol=1e-5, atol=1e-5)
+    assert _lora_bytes(peft_model) > loraswap_bytes  # every layer at rank 8; loraswap's lin1 holds rank 4
+    with pytest.raises(ValueError, match="target_modules"):
+        helpers.create_dummy_lora_config([LoraConfig.from_pretrained(str(path)) for path in paths])
 
 
 def test_from_state_dict_matches_peft(adapters):
