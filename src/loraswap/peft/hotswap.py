@@ -14,8 +14,8 @@ from peft.utils import infer_device, load_peft_weights
 from peft.utils.peft_types import PeftType
 from torch import nn
 
-from ..adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from ..cache import AdapterCache, cache_key, default_cache_bytes
+from ..formats.locate import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from .common import _unwrap, loaded_config
 from .state_dict import apply_swap, plan_swap, scan_model
 

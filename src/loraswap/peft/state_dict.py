@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..adapter import layer_rank_and_alpha, lora_scaling
+from ..formats.lora_keys import layer_rank_and_alpha, lora_scaling
 from .common import _copy_rank_blocks, _unwrap
 
 
