@@ -24,11 +24,17 @@ LLAMA_ADAPTERS = {
     "embed-and-v": dict(r=16, lora_alpha=16, target_modules=["embed_tokens", "v_proj", "up_proj"]),
 }
 
+# A UNet LoRA as diffusers users train it (PEFT's LoraConfig on the attention and proj_in layers).
+UNET_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]}
+
 
 def pytest_configure(config):
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
     torch.set_num_threads(2)
+
+
+# -- comparisons the tests share -------------------------------------------------------------------------------------
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -39,10 +45,45 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Every parameter and buffer bit-for-bit equal to :func:`snapshot`'s copy (invariant 2)."""
     after = snapshot(model)
     assert after.keys() == before.keys()
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name
+
+
+def assert_outputs_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor], tokens, logits_before) -> None:
+    """:func:`assert_unchanged`, and the model's logits for ``tokens`` bit-for-bit what they were."""
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, logits_before)
+
+
+def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state dict (what fused mode merges into and must restore)."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_state_dict_equal(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    """The model's state dict bit-for-bit ``expected`` (a copy, or another model's state dict)."""
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    changed = [name for name, tensor in state.items() if not torch.equal(tensor, expected[name])]
+    assert not changed, f"tensors changed: {changed[:5]}"
+
+
+def pipeline_snapshot(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`snapshot` of every torch module of a diffusers pipeline."""
+    return {name: snapshot(module) for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def assert_pipeline_unchanged(pipe, before: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            assert_unchanged(module, before[name])
+
+
+# -- slot storage ------------------------------------------------------------------------------------------------
 
 
 def slot_row(slots, slot: int) -> tuple[list[torch.Tensor], ...]:

@@ -10,13 +10,14 @@ import sys
 
 import pytest
 import torch
-from test_info import UNET_LORA, tiny_unet
+from conftest import UNET_LORA
 
 import loraswap
 from loraswap import cli
 from loraswap.demo import DEMO_ADAPTERS, run_demo
 from loraswap.plan import capacity_dict
 from loraswap.testing.synthetic import tiny_llama, write_peft_adapter
+from loraswap.testing.synthetic_diffusers import tiny_unet
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -200,7 +201,7 @@ def test_plan_reports_adapters_that_cannot_fit(capsys, llama_base, llama_adapter
 
 
 def test_plan_on_a_diffusers_model_folder(capsys, tmp_path):
-    unet = tiny_unet()
+    unet = tiny_unet(channels=8, cross_attention_dim=8)
     unet.save_config(tmp_path / "unet")
     adapter = write_peft_adapter(unet, tmp_path / "unet-lora", r=4, lora_alpha=4, target_modules=["to_q", "conv1"])
     code, out, err = run_cli(capsys, "plan", adapter, "--model", tmp_path / "unet", "--slots", "2", "--json")

@@ -89,7 +89,7 @@ def test_compiled_swaps_in_shuffled_order_never_recompile(attached, llama_adapte
     assert python_state(model) == before_python
 
 
-def test_second_slot_and_activate(llama_base, llama_adapters, references, llama_tokens):
+def test_activate_switches_every_row_to_the_adapter_loaded_in_the_second_slot(llama_base, llama_adapters, references, llama_tokens):
     model = copy.deepcopy(llama_base)
     capacity = loraswap.Capacity.for_adapters(llama_adapters.values(), model=model, slots=2)
     slots = loraswap.attach(model, capacity)

@@ -286,7 +286,7 @@ def test_failed_loads_leave_the_pipeline_bit_identical(compiled, sd_pipe, sd_fil
     assert pipeline_slots.loaded == {0: str(sd_files["kohya-te"])}
 
 
-def test_enable_lora_hotswap_drop_in(sd_pipe, sd_files, references, base_output):
+def test_enable_lora_hotswap_drop_in_takes_loras_diffusers_hotswap_refuses_and_matches_them(sd_pipe, sd_files, references, base_output):
     pipe = copy.deepcopy(sd_pipe)
     lsd.enable_lora_hotswap(pipe, target_rank=8)
     assert type(pipe).load_lora_weights is not pipe.load_lora_weights.__func__

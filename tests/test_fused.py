@@ -9,26 +9,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_layer_types import tiny_gpt2
 from torch import nn
 
 import loraswap
+from conftest import assert_state_dict_equal, state_dict_copy
 from loraswap.errors import CapacityError, ModeError, NonFiniteError, SlotError
 from loraswap.fused import FusedSlots
-from loraswap.testing.synthetic import peft_reference, tiny_llama, write_adapters
+from loraswap.testing.synthetic import peft_reference, tiny_gpt2, tiny_llama, write_adapters
 
 ATOL = 1e-4
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_bit_identical(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert state.keys() == expected.keys()
-    changed = [name for name, tensor in state.items() if not torch.equal(tensor, expected[name])]
-    assert not changed, f"tensors changed: {changed[:5]}"
 
 
 def peft_outputs(base: nn.Module, path, inputs: torch.Tensor, output=lambda out: out.logits):
@@ -78,7 +67,7 @@ def test_fused_matches_peft_eager_and_merged_without_recompiles(
         fused.unload()
         assert torch.equal(compiled(llama_tokens).logits, compiled_base_logits)
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
-    assert_bit_identical(model, llama_base.state_dict())
+    assert_state_dict_equal(model, llama_base.state_dict())
 
 
 def test_staged_slot_changes_nothing_until_activated(
@@ -88,9 +77,9 @@ def test_staged_slot_changes_nothing_until_activated(
     first, second = llama_adapters["attn-r2"], llama_adapters["mlp-r32-rslora"]
     fused.activate(0)
     fused.load(first, slot=0)
-    before = snapshot(model)
+    before = state_dict_copy(model)
     fused.load(second, slot=1)
-    assert_bit_identical(model, before)
+    assert_state_dict_equal(model, before)
     assert fused.loaded[0].startswith(str(first)) and fused.loaded[1].startswith(str(second))
     with torch.no_grad(), loraswap.no_recompile():
         fused.activate(1)
@@ -98,11 +87,11 @@ def test_staged_slot_changes_nothing_until_activated(
             compiled(llama_tokens).logits, llama_references["mlp-r32-rslora"][0], atol=ATOL, rtol=0
         )
         fused.activate(0)
-        assert_bit_identical(model, before)
+        assert_state_dict_equal(model, before)
     fused.unload(1)
     fused.unload(0)
     assert fused.loaded == {}
-    assert_bit_identical(model, llama_base.state_dict())
+    assert_state_dict_equal(model, llama_base.state_dict())
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -135,9 +124,9 @@ def test_any_sequence_merges_from_pristine_and_unload_restores_bit_for_bit(llama
     fresh = loraswap.attach(expected_model, capacity, mode="fused")
     if fused.active in staged:
         fresh.load(paths[staged[fused.active]])
-    assert_bit_identical(model, expected_model.state_dict())
+    assert_state_dict_equal(model, expected_model.state_dict())
     fused.unload(fused.active)
-    assert_bit_identical(model, llama_base.state_dict())
+    assert_state_dict_equal(model, llama_base.state_dict())
 
 
 def _overflowing(adapter: loraswap.Adapter, layer_name: str) -> loraswap.Adapter:
@@ -164,7 +153,7 @@ def test_failed_loads_leave_the_weights_bit_identical(llama_base, llama_adapters
     capacity = loraswap.Capacity(max_rank=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     fused = loraswap.attach(model, capacity, mode="fused")
     fused.load(llama_adapters["attn-r2"])
-    before = snapshot(model)
+    before = state_dict_copy(model)
     written_last = list(fused.targets)[-1]
     attention = loraswap.load_adapter(llama_adapters["mixed-patterns"])
     attention = loraswap.Adapter({n: l for n, l in attention.layers.items() if "mlp" not in n}, source="attention")
@@ -179,10 +168,10 @@ def test_failed_loads_leave_the_weights_bit_identical(llama_base, llama_adapters
     for error, source, message in failures:
         with pytest.raises(error, match=message):
             fused.load(source)
-        assert_bit_identical(model, before)
+        assert_state_dict_equal(model, before)
     assert fused.loaded[0].startswith(str(llama_adapters["attn-r2"]))
     fused.unload()
-    assert_bit_identical(model, llama_base.state_dict())
+    assert_state_dict_equal(model, llama_base.state_dict())
 
 
 def test_route_blend_and_bad_slots_raise(fused_llama, llama_adapters):
@@ -278,7 +267,7 @@ def test_layer_types_match_peft_eager_and_merged(tmp_path, build, specs, output)
                 torch.testing.assert_close(result, eager, atol=ATOL, rtol=0)
                 torch.testing.assert_close(result, merged, atol=ATOL, rtol=0)
     fused.unload()
-    assert_bit_identical(model, base.state_dict())
+    assert_state_dict_equal(model, base.state_dict())
 
 
 @pytest.mark.parametrize(
@@ -292,10 +281,10 @@ def test_layer_types_match_peft_eager_and_merged(tmp_path, build, specs, output)
 )
 def test_convs_that_cannot_hold_a_merged_lora_are_refused(layer, message):
     model = nn.Sequential(nn.Conv2d(4, 4, 1), layer)
-    before = snapshot(model)
+    before = state_dict_copy(model)
     with pytest.raises(ModeError, match=f"layer '1' cannot take a merged LoRA: .*{message}.*mode='slots'"):
         loraswap.attach(model, loraswap.Capacity(max_rank=4, target_modules=["0", "1"]), mode="fused")
-    assert_bit_identical(model, before)
+    assert_state_dict_equal(model, before)
     loraswap.attach(model, loraswap.Capacity(max_rank=4, target_modules=["0"]), mode="fused")
 
 
@@ -316,7 +305,7 @@ def test_lora_bias_on_a_bias_free_layer_is_refused_before_any_write(tmp_path):
     )
     with pytest.raises(CapacityError, match="layer '1': .* has a LoRA bias but the base layer has no bias"):
         fused.load(path)
-    assert_bit_identical(model, base.state_dict())
+    assert_state_dict_equal(model, base.state_dict())
 
 
 def test_prefetch_fills_the_cache_that_load_reads(llama_base, llama_adapters):
@@ -326,7 +315,7 @@ def test_prefetch_fills_the_cache_that_load_reads(llama_base, llama_adapters):
     prefetched = fused.prefetch(path).result()
     assert len(fused.cache) == 1 and fused.cache.nbytes == prefetched.nbytes > 0
     assert fused.packed(path) is prefetched
-    before = snapshot(model)
+    before = state_dict_copy(model)
     fused.load(path)
     assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
     assert len(fused.cache) == 1

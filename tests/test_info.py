@@ -11,12 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
-from loraswap.testing import synthetic_diffusers
+from conftest import UNET_LORA
 from loraswap.formats.lora_keys import FORMAT_DIFFUSERS, FORMAT_KOHYA, FORMAT_PEFT_DIR, FORMAT_PEFT_FILE
+from loraswap.testing import synthetic_diffusers
 from loraswap.testing.synthetic import write_peft_adapter
-
-UNET_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]}
-
 
 def tiny_unet():
     return synthetic_diffusers.tiny_unet(channels=8, cross_attention_dim=8)
@@ -93,7 +91,7 @@ def test_lone_peft_file_has_no_config_and_scaling_one(llama_adapters, tmp_path):
     assert info.scalings == (1.0,) == tuple({layer.scaling for layer in adapter.layers.values()})
 
 
-def test_diffusers_save_lora_weights_file(diffusers_files):
+def test_diffusers_save_lora_weights_file_gives_ranks_and_scalings_from_its_header_config(diffusers_files):
     info = loraswap.inspect(diffusers_files["diffusers"])
     peft_keys = diffusers_files["peft_state_dict"]
     assert info.format == FORMAT_DIFFUSERS
@@ -108,7 +106,7 @@ def test_diffusers_save_lora_weights_file(diffusers_files):
     assert info.ranks == (2, 4)
 
 
-def test_legacy_diffusers_keys(diffusers_files):
+def test_legacy_diffusers_keys_are_described_with_scaling_one(diffusers_files):
     info = loraswap.inspect(diffusers_files["legacy"])
     assert info.format == FORMAT_DIFFUSERS
     assert len(info.layers) == len(diffusers_files["peft_state_dict"]) // 2
@@ -225,7 +223,7 @@ def test_dora_is_described_as_not_hot_swappable(llama_base, tmp_path):
     assert any("DoRA" in reason for reason in info.unsupported)
 
 
-def test_to_dict_is_json(llama_adapters):
+def test_to_dict_round_trips_through_json(llama_adapters):
     info = loraswap.inspect(llama_adapters["mlp-r32-rslora"])
     data = json.loads(json.dumps(info.to_dict()))
     assert data["rank"] == 32 and data["use_rslora"] is True

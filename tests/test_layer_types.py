@@ -10,7 +10,7 @@ from torch import nn
 
 import loraswap
 from loraswap.layers import SlotLayer
-from loraswap.testing.synthetic import peft_reference, write_adapters
+from loraswap.testing.synthetic import peft_reference, tiny_gpt2, write_adapters
 
 
 class ConvZoo(nn.Module):
@@ -50,13 +50,6 @@ GPT2_ADAPTERS = {
     "all-r12": dict(r=12, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
     "mlp-r2": dict(r=2, lora_alpha=2, target_modules=["c_fc"], fan_in_fan_out=True),
 }
-
-
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
 
 
 def zoo() -> nn.Module:

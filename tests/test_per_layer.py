@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import loraswap
+from conftest import assert_unchanged, snapshot
 from loraswap.errors import CapacityError
 from loraswap.layers import SlotLayer
 from loraswap.testing.synthetic import peft_reference, write_adapters
@@ -27,18 +28,6 @@ def largest_ranks(sources) -> dict[str, int]:
         for name, layer in loraswap.load_adapter(source).layers.items():
             ranks[name] = max(ranks.get(name, 0), int(layer.lora_A.shape[0]))
     return ranks
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    return {name: t.detach().clone() for name, t in tensors.items()}
-
-
-def assert_bit_identical(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
-    now = snapshot(model)
-    assert now.keys() == expected.keys()
-    assert all(torch.equal(now[name], expected[name]) for name in now)
 
 
 def test_each_layer_is_sized_to_its_largest_rank_and_untouched_layers_stay_plain(llama_base, llama_adapters):
@@ -111,7 +100,7 @@ def test_explicit_rank_per_pattern_loads_what_fits_and_refuses_what_does_not(
         r"raise .* to 8",
     ):
         handle.load(too_big)
-    assert_bit_identical(model, before)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("mode", ["slots", "fused"])

@@ -1,4 +1,4 @@
-"""Invariant 6: every PEFT adapter loraswap cannot reproduce exactly is refused, naming the feature, and
+"""Invariant 6 (docs/design.md): every PEFT adapter loraswap cannot reproduce exactly is refused, naming the feature, and
 ``inspect`` says the same; the model is bit-identical afterwards. Files are PEFT's own output."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
-from conftest import assert_unchanged, snapshot
+from conftest import assert_pipeline_unchanged, assert_unchanged, pipeline_snapshot, snapshot
 from loraswap.errors import AdapterFormatError, CapacityError, PickleRefusedError, UnsupportedAdapterError
 
 TARGETS = ["q_proj", "v_proj"]
@@ -264,16 +264,6 @@ def pipelines(tmp_path_factory):
     }
     linear1 = with_keys(flux_lora, directory / "flux-linear1.safetensors", kohya_flux_linear1)
     return attached, files, linear1
-
-
-def pipeline_snapshot(pipe):
-    return {name: snapshot(module) for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
-
-
-def assert_pipeline_unchanged(pipe, before):
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            assert_unchanged(module, before[name])
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def test_blend_equals_peft_add_weighted_adapter(llama_base, llama_adapters, toke
         torch.testing.assert_close(model(tokens).logits, peft_model(tokens).logits, atol=1e-5, rtol=0)
 
 
-def test_per_row_blends(attached, peft_model, llama_base, names, tokens):
+def test_per_row_blends_match_merged_peft_references_and_unlisted_rows_stay_base(attached, peft_model, llama_base, names, tokens):
     model, slots = attached
     rows = [{0: 1.0}, {1: 0.5, 2: 0.5}, {}, {3: 2.0, 0: -1.0}]
     slots.blend(rows)
@@ -152,7 +152,7 @@ def test_per_row_blends(attached, peft_model, llama_base, names, tokens):
     assert torch.equal(logits[len(rows) :], rest), "rows past a per-row blend must be the base model"
 
 
-def test_rows_past_max_batch(attached, references, names, llama_base, tokens):
+def test_activate_covers_rows_past_max_batch_and_route_leaves_unnamed_rows_on_the_base(attached, references, names, llama_base, tokens):
     """``activate`` covers any batch size; ``route`` leaves rows it does not name on the base model."""
     model, slots = attached
     big = torch.cat([tokens, tokens[:3]])

@@ -24,6 +24,8 @@ from loraswap.testing.synthetic import peft_reference, tiny_llama_folder, write_
 from loraswap.serve.ray_local import start_local_ray, stop_ray
 from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
+pytestmark = pytest.mark.ray
+
 ADAPTERS = {
     f"task-{index}": dict(r=2 + 2 * index, lora_alpha=128, target_modules=targets)
     for index, targets in enumerate(

@@ -1,4 +1,4 @@
-"""Tensor parallel (issue 15): two gloo ranks on CPU, a tiny Llama sharded colwise/rowwise with DTensor (by
+"""Tensor parallel (docs/tensor-parallel.md): two gloo ranks on CPU, a tiny Llama sharded colwise/rowwise with DTensor (by
 ``parallelize_module`` and by transformers' ``tp_plan="auto"``), compiled (``backend="eager"``: the compiler
 backend is not what is tested) under ``error_on_recompile``; every rank's logits against PEFT's unsharded eager
 model through every verb and the pool; failed loads agreed across ranks; plans not handled refused at attach."""
@@ -234,5 +234,6 @@ def rank_main(rank: int, port: int, workdir: Path) -> None:
     with_process_group(rank, port, check_all, workdir)
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_swaps_match_unsharded_peft(tp_workdir):
     run_ranks(rank_main, tp_workdir)

@@ -1,4 +1,4 @@
-"""Invariant 6 for the verbs: a verb that cannot take effect raises, and a wrong order is named.
+"""Invariant 6 (docs/design.md) for the verbs: a verb that cannot take effect raises, and a wrong order is named.
 
 Each case asserts the exception type, that the message names the cause, and that the model is
 bit-for-bit as it was before the refused call.
@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from test_failed_loads import assert_bit_identical, snapshot
+from conftest import assert_outputs_unchanged, snapshot
 
 import loraswap
 from loraswap.errors import AttachOrderError, LayoutChangedError, RecompileError, SlotError
@@ -43,7 +43,7 @@ def test_every_verb_after_a_cast_raises_and_changes_nothing(llama_base, llama_ad
         logits_before = model(llama_tokens).logits
     with pytest.raises(LayoutChangedError, match="moved(,| or) cast"):
         VERBS[verb](slots, paths)
-    assert_bit_identical(model, before, llama_tokens, logits_before)
+    assert_outputs_unchanged(model, before, llama_tokens, logits_before)
 
 
 def test_attach_refuses_a_compiled_model(llama_base, llama_tokens):
@@ -55,7 +55,7 @@ def test_attach_refuses_a_compiled_model(llama_base, llama_tokens):
     with pytest.raises(AttachOrderError, match=r"torch.compile'd model.*attach to the model first, then compile"):
         loraswap.attach(compiled, loraswap.Capacity(max_rank=4, target_modules=["q_proj"]))
     assert not any(isinstance(m, loraswap.layers.SlotLayer) for m in model.modules())
-    assert_bit_identical(model, before, llama_tokens, logits_before)
+    assert_outputs_unchanged(model, before, llama_tokens, logits_before)
 
 
 def test_attach_after_the_first_compiled_call_names_the_order(llama_base, llama_tokens):
@@ -122,7 +122,7 @@ def test_check_rows_refuses_a_batch_the_routing_does_not_cover(checked, llama_to
         with pytest.raises(SlotError, match=message):
             compiled(llama_tokens)
     slots.activate(0)
-    assert_bit_identical(model, before, llama_tokens, logits_before)
+    assert_outputs_unchanged(model, before, llama_tokens, logits_before)
 
 
 def test_check_rows_passes_matching_batches_without_recompiling(checked, llama_base, llama_adapters, llama_tokens):

@@ -58,7 +58,7 @@ def _new_mixes(count: int, slots: int, seed: int) -> list[list[int]]:
 
 RESIDENT_SLOTS = (4, 8, 16)
 # A round times every mode once (about 0.15 s). Over 15 rounds, the routed batch's ratio to the all-rows-on-one-adapter
-# mean ranged 0.939-0.979 in six runs back to back; over 50 rounds, 0.960-0.972 (2026-11-28, fp32 and bf16).
+# mean spread over 0.04 between runs back to back; over 50 rounds, about 0.01 (fp32 and bf16; docs/benchmarks.md).
 DEFAULT_ROUNDS = 50
 # Every compiled model here runs the same forward code, so each model (and the per-group batch size) is one more
 # graph of the same frames: past dynamo's default limit of 8 the rest would silently run eagerly.

@@ -16,11 +16,9 @@ timed in alternating rounds in one process:
   capacity's: the bytes a swap of that adapter must move, see :mod:`loraswap.layout`). The
   ``<= 1.3x the copy floor`` target uses this floor.
 
-Each floor copies into a destination of its own, as each swap mode writes a slot of its own. (Until
-2026-11-28 the two floors shared one, written twice as often as any slot row. The live floor of a
-rank-64 adapter then measured 0.9-1.0 ms in some runs, while a probe timed the warm swap's copy of
-the same bytes into its slot, in the same mix of modes, at 1.15 ms; with its own destination the
-floor measures 1.25 ms.)
+Each floor copies into a destination of its own, as each swap mode writes a slot of its own: a destination
+shared by the two floors is written twice as often as any slot row, stays warmer in the CPU caches, and makes
+the floor look faster than the same copy into a slot (docs/benchmarks.md has the measurements).
 
 Each swap mode cycles through the four adapters, and a swap of rank 64 costs about eight times one of
 rank 8, so the samples of one mode form four clusters. The figure per mode is the mean over the four

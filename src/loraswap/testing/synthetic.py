@@ -49,6 +49,14 @@ def llama_tp_plan(layers: int) -> dict[str, Any]:
     return {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()), **plan}
 
 
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A tiny random GPT-2 (transformers' ``Conv1D`` layers): hidden 32, 2 layers, vocab 64."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
 def write_peft_adapter(base: nn.Module, path: str | Path, seed: int = 0, **lora_config: Any) -> Path:
     """Write a PEFT LoRA adapter for ``base`` with random (non-zero) A and B to ``path``."""
     from peft import LoraConfig, get_peft_model
