@@ -52,3 +52,17 @@ def test_routed_inputs_are_the_single_row_inputs_stacked():
         for key, value in single.items():
             expected = batch[key] if key in ("img_ids", "txt_ids") else batch[key][row : row + 1]
             torch.testing.assert_close(value, expected, atol=0, rtol=0)
+
+
+def test_an_unknown_model_is_refused_before_any_work(monkeypatch):
+    from typer.testing import CliRunner
+
+    from loraswap import cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the bench ran with an unknown --model")
+
+    monkeypatch.setattr("loraswap.bench.transformer.run_transformer_bench", no_work)
+    result = CliRunner().invoke(cli.app, ["bench", "pipeline", "--model", "sdxl"])
+    assert result.exit_code == 2
+    assert "--model" in result.output and "'sdxl' is not one of sd, flux, sd3" in result.output
