@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..compile_guard import CompileCounter
+from ..testing.synthetic_diffusers import write_model_lora
 from . import transformer_modes as modes_
 from .report import format_seconds, print_table
 
@@ -114,15 +115,15 @@ def _row_inputs(model: str, config: dict, image: int, text: int, seed: int) -> d
 
 def write_bench_loras(base: nn.Module, directory: Path) -> dict[str, str]:
     """The four LoRAs, each written by diffusers' ``save_lora_adapter`` from PEFT's random init (seeded)."""
-    from ..synthetic_diffusers import write_model_lora
-
     return {
         name: write_model_lora(copy.deepcopy(base), directory, f"lora{index}", seed=index + 1, **options)
         for index, (name, options) in enumerate(BENCH_LORAS.items())
     }
 
 
-def lora_flop_fractions(model: nn.Module, inputs: Mapping[str, torch.Tensor], ranks: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+def lora_flop_fractions(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], ranks: Mapping[str, Mapping[str, int]]
+) -> dict[str, float]:
     """``{lora name: LoRA FLOPs / base FLOPs}`` per step, plus ``"union"``: every layer any LoRA targets at the
     largest rank any gives it (what slots mode computes). Base FLOPs: torch's FLOP counter over one forward
     (matmuls and attention); LoRA FLOPs: ``2 x tokens x rank x (in + out)`` per targeted Linear, its tokens read
@@ -130,8 +131,12 @@ def lora_flop_fractions(model: nn.Module, inputs: Mapping[str, torch.Tensor], ra
     from torch.utils.flop_counter import FlopCounterMode
 
     tokens: dict[str, int] = {}
+
+    def count(module: nn.Module, args: tuple, output: torch.Tensor, name: str) -> None:
+        tokens[name] = args[0].numel() // module.in_features
+
     hooks = [
-        module.register_forward_hook(lambda m, args, out, name=name: tokens.__setitem__(name, args[0].numel() // m.in_features))
+        module.register_forward_hook(lambda m, args, out, name=name: count(m, args, out, name))
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
     ]
@@ -236,7 +241,9 @@ def summarise(model, size, modes, fractions, ranks, steps, rounds, backend, weig
     f = fractions["union"]
     ratios = {
         "slots / (compiled base x (1+f))": step_of[modes_.SLOTS] / (step_of[modes_.COMPILED] * (1 + f)),
-        "routed 4-on-4 / (compiled base batch 4 x (1+f))": step_of[modes_.ROUTED] / (step_of[modes_.COMPILED_4] * (1 + f)),
+        "routed 4-on-4 / (compiled base batch 4 x (1+f))": (
+            step_of[modes_.ROUTED] / (step_of[modes_.COMPILED_4] * (1 + f))
+        ),
         "fused / compiled base": step_of[modes_.FUSED] / step_of[modes_.COMPILED],
         "fused swap / one pass over the targeted weights": rows[modes_.FUSED]["swap_median_s"] / weight_pass_s,
         "compiled base speedup over eager": step_of[modes_.EAGER] / step_of[modes_.COMPILED],

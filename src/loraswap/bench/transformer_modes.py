@@ -1,4 +1,4 @@
-"""The ways of serving a LoRA stream that :mod:`.transformer` times, each on its own copy of one random-init transformer.
+"""The ways of serving a LoRA stream that :mod:`.transformer` times, each on its own copy of one random-init model.
 
 - eager base, compiled base (batch 1 and batch 4): no LoRA, the references of speed;
 - loraswap slots: ``attach`` with the four LoRAs' union capacity (``per_layer_rank=True``), one slot, ``load``
