@@ -319,7 +319,7 @@ def plot_transformer(result: Mapping[str, Any], path: Path) -> None:
     except ImportError as err:
         raise SystemExit("--plot needs matplotlib: pip install 'loraswap[plot]'") from err
     rows = result["modes"]
-    labels = [f"{name} (batch {row['batch']})" for name, row in rows.items()]
+    labels = [name if "batch" in name else f"{name} (batch {row['batch']})" for name, row in rows.items()]
     figure, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True)
     for axis, key, title in ((axes[0], "step_median_s", "per denoising step"), (axes[1], "request_median_s",
                              f"per request (swap + {result['steps_per_request']} steps)")):  # fmt: skip
