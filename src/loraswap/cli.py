@@ -292,23 +292,42 @@ def bench_forward(
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    rounds: int = typer.Option(3, help="Cycles through the four LoRAs, plus one; each mode's first request (its compilation) is reported apart."),
+    model: str = typer.Option("sd", "--model", help="sd: a tiny SD1.5 pipeline (UNet + text encoder); flux, sd3: a "
+                              "diffusion transformer's denoising step (diffusers' lora-fast experiment)."),
+    rounds: int = typer.Option(None, help="sd: cycles through the four LoRAs, plus one (default 3); flux/sd3: timed "
+                               "requests per mode, after a warm-up request per LoRA (default 8)."),
     steps: int = typer.Option(4, help="Denoising steps per request."),
-    channels: int = typer.Option(32, help="UNet block_out_channels[0] (the model size)."),
-    size: int = typer.Option(32, help="Image height and width in pixels (latents are half that)."),
+    channels: int = typer.Option(32, help="sd: UNet block_out_channels[0] (the model size)."),
+    size: int = typer.Option(32, help="sd: image height and width in pixels (latents are half that)."),
+    tiny: bool = typer.Option(False, "--tiny", help="flux/sd3: the smallest transformer (the CI smoke size)."),
     backend: str = typer.Option("inductor", help="torch.compile backend of the compiled modes."),
-    threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
+    threads: int = typer.Option(None, help="torch.set_num_threads for the run (sd: torch's default; flux/sd3: 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     plot: Path = typer.Option(None, "--plot", help="Write a bar chart to this PNG file."),
 ) -> None:
-    """A compiled diffusion pipeline serving four LoRAs (text encoder included): eager, no swaps, diffusers hotswap, loraswap."""
+    """A compiled diffusion model serving four LoRAs: eager, compiled, diffusers hotswap, merge-on-load, loraswap."""
     require_extra("diffusers", "bench pipeline")
     require_plot(plot)
-    from .bench.pipeline import plot_pipeline, print_pipeline, run_pipeline_bench
     from .bench.report import emit
 
-    result = run_pipeline_bench(rounds=rounds, steps=steps, channels=channels, size=size, backend=backend, threads=threads)
-    emit(result, as_json, print_pipeline, plot, plot_pipeline)
+    if model == "sd":
+        from .bench.pipeline import plot_pipeline, print_pipeline, run_pipeline_bench
+
+        result = run_pipeline_bench(
+            rounds=3 if rounds is None else rounds, steps=steps, channels=channels, size=size, backend=backend,
+            threads=threads or 0,
+        )
+        emit(result, as_json, print_pipeline, plot, plot_pipeline)
+        return
+    from .bench.transformer import SIZES, plot_transformer, print_transformer, run_transformer_bench
+
+    if model not in SIZES:
+        raise typer.BadParameter(f"{model!r} is not one of sd, {', '.join(SIZES)}", param_hint="--model")
+    result = run_transformer_bench(
+        model, rounds=8 if rounds is None else rounds, steps=steps, size="smoke" if tiny else "full",
+        backend=backend, threads=1 if threads is None else threads,
+    )
+    emit(result, as_json, print_transformer, plot, plot_transformer)
 
 
 @bench_app.command("serve")
