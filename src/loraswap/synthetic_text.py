@@ -48,7 +48,7 @@ def tiny_causal_lm(arch: str, hidden: int = 64, layers: int = 2, vocab: int = 96
         config = transformers.Qwen3Config(head_dim=hidden // heads, **common)
         model = transformers.Qwen3ForCausalLM(config)
     elif arch == "gemma":
-        config = transformers.GemmaConfig(head_dim=hidden // heads, **common)
+        config = transformers.GemmaConfig(head_dim=hidden // heads, initializer_range=0.3, **common)  # tied, scaled embeddings at 0.02 repeat the last token
         model = transformers.GemmaForCausalLM(config)
     elif arch == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **special)
@@ -64,3 +64,26 @@ def tiny_causal_lm_folder(path: str | Path, arch: str = "llama", **sizes) -> Pat
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return Path(path)
+
+
+def peft_greedy(base: torch.nn.Module, adapter_path, prompt_ids: list[int], max_new_tokens: int, scale: float = 1.0) -> list[int]:
+    """PEFT's eager greedy ``generate`` with the adapter at ``adapter_path`` (None: the base) whose scaling is
+    multiplied by ``scale``: the new token ids, up to and without the end-of-sequence token."""
+    from peft.tuners.lora import LoraLayer
+
+    from .synthetic import peft_reference
+
+    model = base if adapter_path is None else peft_reference(base, adapter_path)
+    if scale != 1.0:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        output = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=base.config.pad_token_id,
+        )
+    new = output[0, ids.shape[1] :].tolist()
+    eos = base.generation_config.eos_token_id
+    return new[: new.index(eos)] if eos in new else new
