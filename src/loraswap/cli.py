@@ -193,19 +193,27 @@ def serve_command(
     adapters: Path = typer.Option(..., "--adapters", help="Folder of adapters: PEFT folders and .safetensors files."),
     replicas: int = typer.Option(2, min=1, help="Ray Serve replicas, each a compiled model with its adapter pool."),
     slots: int = typer.Option(4, min=1, help="Adapters resident in each replica at once."),
-    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Rows one routed forward serves (dynamic batching)."),
+    max_batch: int = typer.Option(
+        8, "--max-batch", min=1, help="Text: rows of the token-level batch (one forward per step). Images: requests per pipeline call."
+    ),
+    max_model_len: int = typer.Option(
+        None, "--max-model-len", min=2, help="Text: prompt + answer tokens a row holds (KV cache length). Default: the model's context, at most 2048."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address the HTTP server listens on (Ray itself stays on loopback)."),
     port: int = typer.Option(8000, help="HTTP port."),
     backend: str = typer.Option("inductor", help="torch.compile backend."),
-    sizes: list[str] = typer.Option(["64x64"], "--sizes", help="Image sizes a pipeline serves, each compiled at start."),
+    sizes: list[str] = typer.Option(
+        None, "--sizes", help="Image sizes (WxH) a pipeline serves, each compiled at start. Default: the pipeline's own default size."
+    ),
 ) -> None:
-    """OpenAI-compatible multi-LoRA server on Ray Serve: /v1/models, /v1/completions, /v1/images/generations, /v1/stats."""
+    """OpenAI-compatible multi-LoRA server on Ray Serve: /v1/models, /v1/completions, /v1/chat/completions (streaming),
+    /v1/images/generations, /v1/stats, /metrics."""
     require_extra("serve", "serve")
     from .serve.app import serve_forever
 
     serve_forever(
-        model, str(adapters), host=host, port=port, replicas=replicas, slots=slots, max_batch=max_batch, backend=backend,
-        sizes=sizes,
+        model, str(adapters), host=host, port=port, replicas=replicas, slots=slots, max_batch=max_batch,
+        max_model_len=max_model_len, backend=backend, sizes=sizes,
     )
 
 

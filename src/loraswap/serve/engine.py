@@ -193,6 +193,15 @@ class TokenEngine:
         """The client went away: the row is freed at the next step (a flag: safe from another thread)."""
         sequence.cancelled = True
 
+    def abort(self) -> list[Sequence_]:
+        """Take every request out of the engine (after a step failed); their rows and the queue are emptied."""
+        gone = [sequence for sequence in self._rows if sequence is not None] + list(self._waiting)
+        self._rows = [None] * self.max_batch
+        self._waiting.clear()
+        for sequence in gone:
+            sequence.finish_reason = "error"
+        return gone
+
     @property
     def busy(self) -> bool:
         return bool(self._waiting) or any(row is not None for row in self._rows)
