@@ -122,6 +122,7 @@ class TokenEngine:
 
     ``model``: a transformers causal LM (attached to ``pool``'s slots, or plain when ``pool`` is None: the base
     model only). Use :meth:`add` then :meth:`step` until :attr:`busy` is False, or :meth:`generate`.
+    ``max_prompt_len`` (default: ``max_model_len - 1``) bounds the prompt buckets compiled at warm-up.
     """
 
     def __init__(
@@ -132,8 +133,9 @@ class TokenEngine:
         *,
         max_batch: int = 8,
         max_model_len: int = 512,
-        backend: str | None = "inductor",
+        backend: str | None = "inductor",  # None or "none": nothing compiled (eager, for smoke runs)
         eos_ids: Sequence[int] | None = None,
+        max_prompt_len: int | None = None,
     ) -> None:
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
         self.max_batch, self.max_model_len = max_batch, max_model_len
@@ -142,7 +144,8 @@ class TokenEngine:
         self.eos_ids = set(eos_ids if eos_ids is not None else _eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids or {0})
         self.buffers = RowBuffers(model.config, max_batch, max_model_len, self.dtype, self.device)
-        self.buckets = prefill_buckets(max_model_len)
+        self.max_prompt_len = min(max_prompt_len or max_model_len - 1, max_model_len - 1)
+        self.buckets = prefill_buckets(self.max_prompt_len)
         device = self.device
         # Everything a compiled step reads: fixed shapes, written in place between steps.
         self._tokens = torch.full((max_batch, 1), self.pad_id, dtype=torch.long, device=device)
@@ -162,7 +165,7 @@ class TokenEngine:
 
     def _compiled(self, function: Callable, backend: str | None) -> Callable:
         """``function`` bound to this engine, compiled with static shapes (eager when ``backend`` is None)."""
-        if backend is None:
+        if backend is None or backend == "none":
             return types.MethodType(function, self)
         return torch.compile(types.MethodType(_fresh_function(function), self), backend=backend, dynamic=False)
 
@@ -171,6 +174,11 @@ class TokenEngine:
     def check(self, request: TextRequest) -> None:
         """Raise :class:`RequestTooLongError` if ``request`` cannot fit a row."""
         total = len(request.prompt_ids) + request.max_tokens
+        if len(request.prompt_ids) > self.max_prompt_len:
+            raise RequestTooLongError(
+                f"the prompt has {len(request.prompt_ids)} tokens, beyond this engine's max_prompt_len of "
+                f"{self.max_prompt_len}; shorten the prompt"
+            )
         if total > self.max_model_len or not request.prompt_ids:
             raise RequestTooLongError(
                 f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) is {total} tokens, "
@@ -374,7 +382,7 @@ class TokenEngine:
         """Compile every prefill bucket and the decode step (rows on ``adapter`` and on the base, sampled and
         greedy), so that no request compiles afterwards."""
         for bucket in self.buckets:
-            length = min(bucket, self.max_model_len - 1)
+            length = bucket
             prompt = [self.pad_id] * length
             requests = [
                 TextRequest(prompt, adapter=adapter, max_tokens=1, temperature=0.0),

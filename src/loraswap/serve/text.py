@@ -53,6 +53,7 @@ class TextService:
         max_model_len: int | None = None,
         backend: str | None = "inductor",
         attach: bool = True,
+        max_prompt_len: int | None = None,
     ) -> None:
         import loraswap
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,7 +71,10 @@ class TextService:
             capacity = loraswap.Capacity.for_adapters(usable, model=model, slots=slots, max_batch=max_batch, max_blend=1)
             self.pool = AdapterPool(loraswap.attach(model, capacity), resolve=self.adapters.__getitem__)
         max_model_len = max_model_len or default_max_model_len(model.config)
-        self.engine = TokenEngine(model, self.tokenizer, self.pool, max_batch=max_batch, max_model_len=max_model_len, backend=backend)
+        self.engine = TokenEngine(
+            model, self.tokenizer, self.pool, max_batch=max_batch, max_model_len=max_model_len, backend=backend,
+            max_prompt_len=max_prompt_len,
+        )
         self.metrics = EngineMetrics()
         self._compiles = loraswap.CompileCounter()
         self._wake = threading.Condition()
