@@ -77,11 +77,16 @@ def render(replicas: Mapping[str, Iterable[Family]]) -> bytes:
             family = merged.setdefault(name, Metric(name, documentation, kind))
             for sample_name, labels, value in samples:
                 family.add_sample(sample_name, {**labels, "replica": replica}, value)
-
-    class _Collected:
-        def collect(self):
-            return list(merged.values())
-
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collected())
+    registry.register(_Fixed(list(merged.values())))
     return generate_latest(registry)
+
+
+class _Fixed:
+    """A collector that hands out metric families built elsewhere."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
