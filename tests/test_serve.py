@@ -265,7 +265,8 @@ def gpt2_url(ray_instance, tmp_path_factory):
 
 def test_a_short_request_joins_while_a_long_one_decodes_and_chat_without_template_is_400(gpt2_url):
     """One replica: a short request sent while a long one streams finishes while the long one still has most of
-    its tokens to go (it joined the running batch); the long one's answer is still PEFT's."""
+    its tokens to go (it joined the running batch); the long one's answer is still PEFT's; a client that goes away
+    mid-stream frees its row (its request counts as cancelled, no request runs after)."""
     import threading
     import time
 
@@ -293,6 +294,13 @@ def test_a_short_request_joins_while_a_long_one_decodes_and_chat_without_templat
     assert sum(arrival > done["short"] for arrival in arrivals) >= 50  # the long one had at least half to go
     expected = tokenizer.decode(peft_greedy(base, None, tokenizer(prompt)["input_ids"], 100), skip_special_tokens=True)
     assert _post(f"{url}/v1/completions", long_body).json()["choices"][0]["text"] == expected
+    with httpx.stream("POST", f"{url}/v1/completions", json={**long_body, "stream": True}, timeout=120) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: {"))  # the client goes away mid-answer
+    deadline = time.perf_counter() + 30
+    while 'loraswap_requests_total{finish_reason="cancelled"' not in (metrics := httpx.get(f"{url}/metrics", timeout=30).text):
+        assert time.perf_counter() < deadline, "the disconnected request was never cancelled"
+        time.sleep(0.2)
+    assert [line for line in metrics.splitlines() if line.startswith("loraswap_running_requests")][0].endswith(" 0.0")
     chat = _post(f"{url}/v1/chat/completions", {"model": "fc", "messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
     assert "chat template" in chat.json()["error"]["message"]

@@ -216,7 +216,8 @@ class TokenEngine:
 
     @property
     def running(self) -> int:
-        return sum(row is not None for row in self._rows)
+        """Rows held by requests still wanted (a cancelled one leaves at the next step)."""
+        return sum(row is not None and not row.cancelled for row in self._rows)
 
     def generate(self, requests: Sequence[TextRequest]) -> list[tuple[str, str, int]]:
         """Run ``requests`` to completion: ``(text, finish_reason, completion_tokens)`` each (tests, benchmarks)."""

@@ -123,6 +123,7 @@ class TextService:
         finally:
             if sequence.finish_reason is None:
                 self.engine.cancel(sequence)
+                self.metrics.request("cancelled")
                 with self._wake:
                     self._wake.notify()
 
