@@ -15,7 +15,7 @@ What was chosen, and why:
 - **KV cache.** Fixed buffers per layer (:mod:`loraswap.serve.kv_cache`), each row written at its own position
   with a per-row length mask; rows are reused at once, their stale entries hidden by the mask.
 - **Shapes.** Decode is one shape. Prefill pads a prompt to a bucket (powers of two from 16, and
-  ``max_model_len``) and compiles one graph per bucket; :meth:`TokenEngine.warm_up` runs every bucket and the
+  the longest prompt allowed, ``max_prompt_len``) and compiles one graph per bucket; :meth:`TokenEngine.warm_up` runs every bucket and the
   decode step, so nothing that joins or leaves compiles afterwards. Each prefill bucket is its own compiled
   function (its own code object), so dynamo's recompile limit never applies.
 - **Sampling** in the step (:mod:`loraswap.serve.sampling`): one token per row per step comes back to the host.
@@ -74,8 +74,9 @@ class Event:
 
 
 @dataclass
-class Sequence_:
-    """A request in the engine: its row, tokens, the text sent so far, timings."""
+class Generation:
+    """A request in the engine: its row, tokens, the text sent so far, timings. ``prefix_offset`` and
+    ``read_offset`` are the detokenizer's window (see :meth:`TokenEngine._detokenize`)."""
 
     request: TextRequest
     on_event: Callable[[Event], None]
@@ -97,20 +98,19 @@ class Sequence_:
         return len(self.request.prompt_ids)
 
 
-def prefill_buckets(max_model_len: int, smallest: int = 16) -> list[int]:
-    """Prompt lengths that prefill compiles: powers of two from ``smallest``, then ``max_model_len``."""
+def prefill_buckets(longest: int, smallest: int = 16) -> list[int]:
+    """Prompt lengths that prefill compiles: powers of two from ``smallest`` below ``longest``, then ``longest``."""
     buckets = []
     length = smallest
-    while length < max_model_len:
+    while length < longest:
         buckets.append(length)
         length *= 2
-    return [*buckets, max_model_len]
+    return [*buckets, longest]
 
 
 def _fresh_function(function: Callable) -> Callable:
     """A copy of ``function`` with its own code object, so that dynamo keeps a separate cache (and limit) for it."""
-    code = function.__code__.replace()
-    code = code.replace(co_name=f"{code.co_name}_{next(_COPIES)}")
+    code = function.__code__.replace(co_name=f"{function.__code__.co_name}_{next(_COPIES)}")
     return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
@@ -158,8 +158,8 @@ class TokenEngine:
         self._prefill_cache = PrefillCache(self.buffers, self._row)
         self._decode = self._compiled(TokenEngine._decode_step, backend)
         self._prefills = {length: self._compiled(TokenEngine._prefill_step, backend) for length in self.buckets}
-        self._rows: list[Sequence_ | None] = [None] * max_batch
-        self._waiting: deque[Sequence_] = deque()
+        self._rows: list[Generation | None] = [None] * max_batch
+        self._waiting: deque[Generation] = deque()
         self.steps = 0
         self.requests = 0
 
@@ -188,20 +188,20 @@ class TokenEngine:
                 else "the prompt is empty; give at least one token"
             )
 
-    def add(self, request: TextRequest, on_event: Callable[[Event], None] = lambda event: None) -> Sequence_:
+    def add(self, request: TextRequest, on_event: Callable[[Event], None] = lambda event: None) -> Generation:
         """Queue ``request``; it joins at the next :meth:`step` that has a free row for it."""
         self.check(request)
         seed = request.seed if request.seed is not None else random.getrandbits(31)
-        sequence = Sequence_(request, on_event, seed)
+        sequence = Generation(request, on_event, seed)
         self._waiting.append(sequence)
         return sequence
 
     @staticmethod
-    def cancel(sequence: Sequence_) -> None:
+    def cancel(sequence: Generation) -> None:
         """The client went away: the row is freed at the next step (a flag: safe from another thread)."""
         sequence.cancelled = True
 
-    def abort(self) -> list[Sequence_]:
+    def abort(self) -> list[Generation]:
         """Take every request out of the engine (after a step failed); their rows and the queue are emptied."""
         gone = [sequence for sequence in self._rows if sequence is not None] + list(self._waiting)
         self._rows = [None] * self.max_batch
@@ -253,14 +253,14 @@ class TokenEngine:
             self.requests += 1
             self._prefill(sequence)
 
-    def _fits(self, sequence: Sequence_) -> bool:
+    def _fits(self, sequence: Generation) -> bool:
         """Whether the running rows' adapters plus this one fit the pool's slots (one routing per step)."""
         if self.pool is None or sequence.request.adapter is None:
             return True
         adapters = {s.request.adapter for s in self._rows if s is not None} | {sequence.request.adapter}
         return len(adapters - {None}) <= self.pool.slot_count
 
-    def _route(self, sequences: Sequence[Sequence_ | None]):
+    def _route(self, sequences: Sequence[Generation | None]):
         if self.pool is None:
             return nullcontext()
         rows = []
@@ -272,7 +272,7 @@ class TokenEngine:
                 rows.append(request.adapter if request.lora_scale == 1.0 else {request.adapter: request.lora_scale})
         return self.pool.route(rows)
 
-    def _prefill(self, sequence: Sequence_) -> None:
+    def _prefill(self, sequence: Generation) -> None:
         request = sequence.request
         length = len(request.prompt_ids)
         bucket = next(size for size in self.buckets if size >= length)
@@ -326,7 +326,7 @@ class TokenEngine:
 
     # -- tokens to text ----------------------------------------------------------------------------
 
-    def _accept(self, sequence: Sequence_, token: int) -> None:
+    def _accept(self, sequence: Generation, token: int) -> None:
         now = time.perf_counter()
         if sequence.first_token_at is None:
             sequence.first_token_at = now
@@ -348,7 +348,7 @@ class TokenEngine:
                 piece, sequence.sent = sequence.text[sequence.sent : safe], safe
                 sequence.on_event(Event(piece, len(sequence.tokens)))
 
-    def _detokenize(self, sequence: Sequence_) -> None:
+    def _detokenize(self, sequence: Generation) -> None:
         """Append the new token's text: decode a window of a few tokens (vLLM's prefix/read offsets), so that a
         token's text that depends on its neighbours (a leading space, a multi-byte character) comes out right."""
         tokens = sequence.tokens
@@ -360,7 +360,7 @@ class TokenEngine:
             sequence.prefix_offset, sequence.read_offset = sequence.read_offset, len(tokens)
 
     @staticmethod
-    def _find_stop(sequence: Sequence_) -> int | None:
+    def _find_stop(sequence: Generation) -> int | None:
         stops = sequence.request.stop
         if not stops:
             return None
@@ -368,7 +368,7 @@ class TokenEngine:
         found = [index for stop in stops if (index := sequence.text.find(stop, start)) >= 0]
         return min(found) if found else None
 
-    def _finish(self, sequence: Sequence_, reason: str) -> None:
+    def _finish(self, sequence: Generation, reason: str) -> None:
         sequence.finish_reason = reason
         if sequence.row >= 0 and self._rows[sequence.row] is sequence:
             self._rows[sequence.row] = None

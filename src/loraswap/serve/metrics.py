@@ -41,7 +41,7 @@ class EngineMetrics:
         self._synced = {"adapter_loads": 0, "recompiles": 0}
 
     def finished(self, sequence) -> None:
-        """Count a finished request (an engine ``Sequence_``)."""
+        """Count a finished request (an engine ``Generation``)."""
         self.requests.labels(finish_reason=sequence.finish_reason).inc()
         self.prompt_tokens.inc(sequence.prompt_tokens)
         self.generation_tokens.inc(len(sequence.tokens))
