@@ -10,9 +10,9 @@ import torch
 
 import loraswap
 from loraswap.serve.engine import Event, RequestTooLongError, TextRequest, TokenEngine
-from loraswap.serve.pool import AdapterPool
-from loraswap.synthetic import write_adapters
-from loraswap.synthetic_text import TEXT_TARGETS, peft_greedy, tiny_causal_lm
+from loraswap.pool import AdapterPool
+from loraswap.testing.synthetic import write_adapters
+from loraswap.testing.synthetic_text import TEXT_TARGETS, peft_greedy, tiny_causal_lm
 
 PROMPTS = ["the cat sat on", "hello world", "a dog ran under the tree", "w5 w6", "the mat", "up", "warm tree w9", "cat"]
 MAX_BATCH = 4

@@ -22,7 +22,7 @@ from loraswap.errors import (
     SlotError,
     UnsupportedAdapterError,
 )
-from loraswap.synthetic import write_peft_adapter
+from loraswap.testing.synthetic import write_peft_adapter
 
 
 @pytest.fixture(scope="module")

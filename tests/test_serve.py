@@ -23,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from loraswap.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_peft_adapter
-from loraswap.synthetic_text import peft_greedy, tiny_causal_lm_folder
+from loraswap.testing.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_peft_adapter
+from loraswap.testing.synthetic_text import peft_greedy, tiny_causal_lm_folder
 from loraswap.serve.ray_local import start_local_ray, stop_ray
-from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
+from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
 ADAPTERS = {
     f"task-{index}": dict(r=2 + 2 * index, lora_alpha=128, target_modules=targets)

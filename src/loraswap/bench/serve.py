@@ -45,7 +45,7 @@ def adapter_spec(index: int) -> dict:
 def write_bench_models(root: Path, adapters: int, hidden: int, layers: int, vocab: int) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM
 
-    from ..synthetic import tiny_llama_folder, write_adapters
+    from ..testing.synthetic import tiny_llama_folder, write_adapters
 
     folder = tiny_llama_folder(root / "bench-llama", hidden=hidden, layers=layers, vocab=vocab)
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -171,7 +171,7 @@ def run_serve_bench(
     from ..compile_guard import CompileCounter
     from ..serve.model import PeftTextEngine, TextEngine, served_adapters
     from ..serve.text import TextService
-    from ..synthetic import WORDS
+    from ..testing.synthetic import WORDS
 
     if quick:
         requests, rate, adapters, min_tokens, max_tokens, hidden, layers, vocab, backend = 6, 20.0, 4, 2, 8, 64, 1, 96, "none"

@@ -11,7 +11,7 @@ refused request gets its 400 even when it asked to stream. Image replicas batch 
 
 Eviction from Ray's multiplexing cache is safe under concurrent requests because it frees nothing:
 the cached "model" is the adapter's name, validated and packed into the host cache. Which adapters
-sit in the slots is the :class:`~loraswap.serve.pool.AdapterPool`'s business, and it keeps every
+sit in the slots is the :class:`~loraswap.AdapterPool`'s business, and it keeps every
 adapter a running batch uses resident until that batch's forward is done.
 """
 
@@ -22,12 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-import torch
-from ray import serve
 
 from ..errors import HotswapError
 from .batcher import Batcher
@@ -38,8 +37,12 @@ from .openai import (
     ChatRequest, CompletionRequest, ImageRequest, chat_response, completion_response, error_body, images_response,
     model_list, usage,
 )
+from .ray_local import configure_ray_env
 from .sse import ChunkWriter, collect, sse_body
 from .text import TextService
+
+configure_ray_env()  # Ray reads its environment at import: this module is the one that imports it
+from ray import serve  # noqa: E402
 
 api = FastAPI(title="loraswap")
 

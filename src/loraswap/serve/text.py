@@ -21,7 +21,7 @@ import torch
 from ..errors import HotswapError
 from .engine import Event, TextRequest, TokenEngine
 from .metrics import EngineMetrics
-from .pool import AdapterPool
+from ..pool import AdapterPool
 
 DEFAULT_MAX_MODEL_LEN = 2048  # the cap on the model config's context when --max-model-len is not given
 
