@@ -210,6 +210,9 @@ def serve_command(
 ) -> None:
     """OpenAI-compatible multi-LoRA server on Ray Serve: /v1/models, /v1/completions, /v1/chat/completions (streaming),
     /v1/images/generations, /v1/stats, /metrics."""
+    from .serve.ray_local import configure_ray_env
+
+    configure_ray_env()  # before require_extra imports ray: Ray reads its environment at import
     require_extra("serve", "serve")
     from .serve.app import serve_forever
 
