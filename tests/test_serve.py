@@ -1,5 +1,7 @@
-"""``loraswap serve`` on a local Ray instance: two replicas of a tiny Llama with 5 adapters, checked against PEFT,
-and one replica of a tiny SD pipeline with 3 LoRA files, checked against diffusers.
+"""``loraswap serve`` on a local Ray instance: two replicas of a tiny Llama (chat template on its tokenizer) with 5
+adapters, checked against PEFT for completions and chat, streamed and not; one replica of a tiny GPT-2 without a
+chat template (token-level batching in one replica, 400s); one replica of a tiny SD pipeline with 3 LoRA files,
+checked against diffusers.
 
 One Ray instance for the module (starting Ray costs tens of seconds on 2 cores), stopped at teardown.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +24,7 @@ import torch
 from PIL import Image
 
 from loraswap.testing.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_peft_adapter
+from loraswap.testing.synthetic_text import peft_greedy, tiny_causal_lm_folder
 from loraswap.serve.ray_local import start_local_ray, stop_ray
 from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
@@ -35,13 +39,14 @@ ADAPTERS = {
 PROMPTS = ["the cat sat on", "hello world", "a dog ran under the tree", "w5 w6", "the mat", "up", "warm tree w9", "cat"]
 NEW_TOKENS = 6
 REPLICAS = 2
+MAX_MODEL_LEN = 64
 
 
 @pytest.fixture(scope="module")
 def llama_served(tmp_path_factory):
     """A tiny Llama folder (tokenizer saved with it) and its adapter folder: 5 adapters and one DoRA one."""
     root = tmp_path_factory.mktemp("serve-llama")
-    folder = tiny_llama_folder(root / "tiny-llama")
+    folder = tiny_causal_lm_folder(root / "tiny-llama", "llama")  # tiny_llama_folder's model, with a chat template
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -78,7 +83,7 @@ def text_url(ray_instance, llama_served):
     from loraswap.serve import build_app
 
     folder, adapter_dir, _, _ = llama_served
-    app = build_app(folder, adapter_dir, replicas=REPLICAS, slots=3, max_batch=8, backend="eager")
+    app = build_app(folder, adapter_dir, replicas=REPLICAS, slots=3, max_batch=8, max_model_len=MAX_MODEL_LEN, backend="eager")
     serve.run(app, name="text", route_prefix="/text")
     return f"{ray_instance}/text"
 
@@ -151,6 +156,170 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(text_url, b
     assert "ray::" not in error["message"]  # the error's own message, not the replica's traceback
     after = _post(f"{text_url}/v1/completions", {"model": "task-2", "prompt": "the cat", "max_tokens": 2, "temperature": 0})
     assert after.status_code == 200 and len(after.json()["choices"]) == 1
+
+
+def _stream(url: str, body: dict) -> list[dict | str]:
+    """The data of every server-sent event of a streamed answer (``"[DONE]"`` as a string)."""
+    events = []
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def _chat_ids(tokenizer, content: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_equals_peft_greedy_with_the_chat_template_and_streams_concatenate(text_url, llama_served):
+    """Chat for an adapter, the base and BASE:ADAPTER equals PEFT's greedy generate on the templated prompt; a
+    streamed chat and a streamed completion concatenate to the non-streamed answers; include_usage adds usage."""
+    from transformers import AutoTokenizer
+
+    folder, _, base, adapters = llama_served
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    models = ["task-1", folder.name, f"{folder.name}:task-3"]
+    for model, content in zip(models, ["the cat sat on", "hello world", "a dog ran under the tree"]):
+        adapter = None if model == folder.name else model.rsplit(":", 1)[-1]
+        expected = peft_greedy(base, adapters.get(adapter), _chat_ids(tokenizer, content), NEW_TOKENS)
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "max_completion_tokens": NEW_TOKENS, "temperature": 0}
+        answer = _post(f"{text_url}/v1/chat/completions", body).json()
+        assert answer["model"] == model and answer["object"] == "chat.completion"
+        assert answer["choices"][0]["message"]["content"] == tokenizer.decode(expected, skip_special_tokens=True), model
+        assert answer["usage"]["completion_tokens"] == len(expected)
+        events = _stream(f"{text_url}/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+        assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"] == answer["usage"]
+        chunks = events[:-2]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answer["choices"][0]["message"]["content"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == answer["choices"][0]["finish_reason"]
+        words = answer["choices"][0]["message"]["content"].split()  # one word per token of the tiny tokenizer
+        assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) == len(words)  # a piece per token
+    completion = {"model": "task-0", "prompt": "the cat sat on", "max_tokens": NEW_TOKENS, "temperature": 0}
+    text = _post(f"{text_url}/v1/completions", completion).json()["choices"][0]["text"]
+    events = _stream(f"{text_url}/v1/completions", completion)
+    assert events[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in events[:-1]) == text
+    assert {e["object"] for e in events[:-1]} == {"text_completion"}
+    assert len([e for e in events[:-1] if e["choices"][0]["text"]]) == len(text.split()) >= 3
+
+
+def test_lora_scale_equals_peft_with_the_scaling_multiplied(text_url, llama_served):
+    from transformers import AutoTokenizer
+
+    folder, _, base, adapters = llama_served
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = "the cat sat on"
+    for scale in (0.5, 1.0):
+        body = {"model": "task-2", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "lora_scale": scale}
+        expected = peft_greedy(base, adapters["task-2"], tokenizer(prompt)["input_ids"], NEW_TOKENS, scale=scale)
+        assert _post(f"{text_url}/v1/completions", body).json()["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert peft_greedy(base, adapters["task-2"], tokenizer(prompt)["input_ids"], NEW_TOKENS, scale=0.5) != expected
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "the cat", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+        ({"prompt": "the cat", "n": 2}, "n"),
+        ({"prompt": "the cat", "logprobs": 2}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "the cat"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "the cat"}], "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": "the cat"}], "max_tokens": MAX_MODEL_LEN, "stream": True}, "max_tokens"),
+    ],
+)
+def test_unserved_fields_and_too_long_requests_get_400s_naming_them(text_url, body, param):
+    endpoint = "chat/completions" if "messages" in body else "completions"
+    response = _post(f"{text_url}/v1/{endpoint}", {"model": "task-0", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "ray::" not in error["message"] and "Traceback" not in error["message"]
+    if param == "max_tokens":
+        assert f"max_model_len of {MAX_MODEL_LEN}" in error["message"]
+
+
+GPT2_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def gpt2_url(ray_instance, tmp_path_factory):
+    """One replica of a tiny GPT-2 (Conv1D layers) whose tokenizer has no chat template, and one adapter."""
+    from ray import serve
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraswap.serve import build_app
+
+    root = tmp_path_factory.mktemp("serve-gpt2")
+    folder = tiny_causal_lm_folder(root / "tiny-gpt2", "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    write_adapters(base, root / "adapters", {"fc": dict(r=4, lora_alpha=64, target_modules=["c_fc"])})
+    app = build_app(folder, root / "adapters", replicas=1, slots=1, max_batch=4, max_model_len=GPT2_LEN, backend="eager")
+    serve.run(app, name="gpt2", route_prefix="/gpt2")
+    return f"{ray_instance}/gpt2", folder, base, tokenizer
+
+
+def test_a_short_request_joins_while_a_long_one_decodes_and_chat_without_template_is_400(gpt2_url):
+    """One replica: a short request sent while a long one streams finishes while the long one still has most of
+    its tokens to go (it joined the running batch); the long one's answer is still PEFT's; a client that goes away
+    mid-stream frees its row (its request counts as cancelled, no request runs after)."""
+    import threading
+    import time
+
+    url, folder, base, tokenizer = gpt2_url
+    prompt = next(p for p in PROMPTS if len(peft_greedy(base, None, tokenizer(p)["input_ids"], 100)) == 100)  # no early eos
+    long_body = {"model": folder.name, "prompt": prompt, "max_tokens": 100, "temperature": 0}
+    arrivals: list[float] = []
+    done = {}
+
+    def stream_long() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**long_body, "stream": True}, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.perf_counter())
+        done["long"] = time.perf_counter()
+
+    long_thread = threading.Thread(target=stream_long)
+    long_thread.start()
+    while len(arrivals) < 5:
+        time.sleep(0.01)
+    short = _post(f"{url}/v1/completions", {"model": "fc", "prompt": "hello world", "max_tokens": 2, "temperature": 0})
+    done["short"] = time.perf_counter()
+    long_thread.join()
+    assert short.status_code == 200
+    assert sum(arrival > done["short"] for arrival in arrivals) >= 50  # the long one had at least half to go
+    expected = tokenizer.decode(peft_greedy(base, None, tokenizer(prompt)["input_ids"], 100), skip_special_tokens=True)
+    assert _post(f"{url}/v1/completions", long_body).json()["choices"][0]["text"] == expected
+    with httpx.stream("POST", f"{url}/v1/completions", json={**long_body, "stream": True}, timeout=120) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: {"))  # the client goes away mid-answer
+    deadline = time.perf_counter() + 30
+    while 'loraswap_requests_total{finish_reason="cancelled"' not in (metrics := httpx.get(f"{url}/metrics", timeout=30).text):
+        assert time.perf_counter() < deadline, "the disconnected request was never cancelled"
+        time.sleep(0.2)
+    assert [line for line in metrics.splitlines() if line.startswith("loraswap_running_requests")][0].endswith(" 0.0")
+    chat = _post(f"{url}/v1/chat/completions", {"model": "fc", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    assert "chat template" in chat.json()["error"]["message"]
+    stats = httpx.get(f"{url}/v1/stats", timeout=30).json()["replicas"]
+    assert [replica["recompiles"] for replica in stats] == [0]
+
+
+def test_metrics_are_prometheus_text_with_every_replica(text_url):
+    _post(f"{text_url}/v1/completions", {"model": "task-1", "prompt": "the cat", "max_tokens": 3, "temperature": 0})
+    text = httpx.get(f"{text_url}/metrics", timeout=30).text
+    for name in (
+        "loraswap_requests_total", "loraswap_generation_tokens_total", "loraswap_time_to_first_token_seconds_bucket",
+        "loraswap_inter_token_latency_seconds_count", "loraswap_adapter_loads_total", "loraswap_recompiles_total",
+    ):
+        assert name in text, name
+    recompiles = [line for line in text.splitlines() if line.startswith("loraswap_recompiles_total")]
+    assert len(recompiles) >= REPLICAS and all(line.endswith(" 0.0") for line in recompiles)
 
 
 def test_nothing_listens_beyond_loopback(text_url):

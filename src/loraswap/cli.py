@@ -195,19 +195,30 @@ def serve_command(
     adapters: Path = typer.Option(..., "--adapters", help="Folder of adapters: PEFT folders and .safetensors files."),
     replicas: int = typer.Option(2, min=1, help="Ray Serve replicas, each a compiled model with its adapter pool."),
     slots: int = typer.Option(4, min=1, help="Adapters resident in each replica at once."),
-    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Rows one routed forward serves (dynamic batching)."),
+    max_batch: int = typer.Option(
+        8, "--max-batch", min=1, help="Text: rows of the token-level batch (one forward per step). Images: requests per pipeline call."
+    ),
+    max_model_len: int = typer.Option(
+        None, "--max-model-len", min=2, help="Text: prompt + answer tokens a row holds (KV cache length). Default: the model's context, at most 2048."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address the HTTP server listens on (Ray itself stays on loopback)."),
     port: int = typer.Option(8000, help="HTTP port."),
     backend: str = typer.Option("inductor", help="torch.compile backend."),
-    sizes: list[str] = typer.Option(["64x64"], "--sizes", help="Image sizes a pipeline serves, each compiled at start."),
+    sizes: list[str] = typer.Option(
+        None, "--sizes", help="Image sizes (WxH) a pipeline serves, each compiled at start. Default: the pipeline's own default size."
+    ),
 ) -> None:
-    """OpenAI-compatible multi-LoRA server on Ray Serve: /v1/models, /v1/completions, /v1/images/generations, /v1/stats."""
+    """OpenAI-compatible multi-LoRA server on Ray Serve: /v1/models, /v1/completions, /v1/chat/completions (streaming),
+    /v1/images/generations, /v1/stats, /metrics."""
+    from .serve.ray_local import configure_ray_env
+
+    configure_ray_env()  # before require_extra imports ray: Ray reads its environment at import
     require_extra("serve", "serve")
     from .serve.app import serve_forever
 
     serve_forever(
-        model, str(adapters), host=host, port=port, replicas=replicas, slots=slots, max_batch=max_batch, backend=backend,
-        sizes=sizes,
+        model, str(adapters), host=host, port=port, replicas=replicas, slots=slots, max_batch=max_batch,
+        max_model_len=max_model_len, backend=backend, sizes=sizes,
     )
 
 
@@ -332,30 +343,36 @@ def bench_pipeline(
 
 @bench_app.command("serve")
 def bench_serve(
-    requests: int = typer.Option(200, min=1, help="Requests per engine (Zipf over the adapters), back to back."),
-    clients: int = typer.Option(8, min=1, help="Concurrent clients."),
-    adapters: int = typer.Option(30, min=1, help="Adapters in the served folder."),
-    replicas: int = typer.Option(2, min=1, help="Ray Serve replicas."),
-    slots: int = typer.Option(4, min=1, help="Adapters resident per replica (loraswap slots; PEFT adapters kept loaded)."),
-    max_tokens: int = typer.Option(16, min=1, help="New tokens per completion."),
-    hidden: int = typer.Option(256, help="Llama hidden size (the model size)."),
+    requests: int = typer.Option(64, min=1, help="Requests in the traffic (the same schedule for every engine)."),
+    rate: float = typer.Option(1.0, min=0.01, help="Poisson arrival rate, requests per second."),
+    adapters: int = typer.Option(50, min=1, help="PEFT adapters served (Zipf popularity)."),
+    min_tokens: int = typer.Option(4, min=1, help="Shortest answer (output lengths log-uniform in [min, max])."),
+    max_tokens: int = typer.Option(256, min=1, help="Longest answer."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Rows of the token-level batch; requests per batch before."),
+    slots: int = typer.Option(8, min=1, help="Adapters resident at once (loraswap slots; PEFT adapters kept loaded)."),
+    hidden: int = typer.Option(512, help="Llama hidden size (the model size)."),
     layers: int = typer.Option(4, help="Llama layers."),
-    backend: str = typer.Option("inductor", help="torch.compile backend of loraswap's replicas."),
-    time_limit: float = typer.Option(120.0, help="Seconds each engine's run may take at most."),
-    per_adapter: bool = typer.Option(
-        False, "--per-adapter", help="Also run loraswap with one generate() per adapter in a batch (mixed batches vs per-adapter)."
-    ),
+    vocab: int = typer.Option(2048, help="Vocabulary size."),
+    zipf: float = typer.Option(1.1, help="Zipf exponent of the adapters' popularity."),
+    backend: str = typer.Option("inductor", help="torch.compile backend of the compiled engines."),
+    threads: int = typer.Option(0, help="torch.set_num_threads for the run (0: torch's default)."),
+    engine: list[str] = typer.Option(None, "--engine", help="Engines to run (repeatable): tokens, request, peft, tokens-base. Default: all."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke run of seconds: a tiny model, 6 requests, eager."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """The server with loraswap vs with PEFT in the replicas: requests/s, p50/p99, adapter loads per request, recompiles."""
+    """A traffic model (Poisson arrivals, 4-256 output tokens, Zipf over 50 adapters) through the token-level engine,
+    the request-level engine, PEFT, and the token-level engine on the base model: tokens/s, TTFT and ITL p50/p99, recompiles."""
     require_extra("serve", "bench serve")
     from .bench.report import emit
-    from .bench.serve import print_serve, run_serve_bench
+    from .bench.serve import ENGINES, print_serve, run_serve_bench
 
+    unknown = [name for name in engine or () if name not in ENGINES]
+    if unknown:
+        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(ENGINES)}", param_hint="--engine")
     result = run_serve_bench(
-        requests=requests, adapters=adapters, clients=clients, replicas=replicas, slots=slots,
-        max_tokens=max_tokens, hidden=hidden, layers=layers, backend=backend, time_limit=time_limit,
-        per_adapter=per_adapter,
+        requests=requests, rate=rate, adapters=adapters, min_tokens=min_tokens, max_tokens=max_tokens, max_batch=max_batch,
+        slots=slots, hidden=hidden, layers=layers, vocab=vocab, zipf=zipf, backend=backend, threads=threads,
+        engines=tuple(engine) if engine else ENGINES, quick=quick,
     )
     emit(result, as_json, print_serve)
 

@@ -1,4 +1,7 @@
-"""The Ray application: an OpenAI-compatible server on Ray Serve (``build_app``, ``loraswap serve``).
+"""The Ray application: an OpenAI-compatible server on Ray Serve (``build_app``, ``loraswap serve``), and the
+engines its replicas run, plain objects without Ray: :mod:`.engine` (token-level batching for text, with
+:mod:`.kv_cache` and :mod:`.sampling`; :mod:`.text` runs it in a thread for a replica), :mod:`.model` (the
+request-level text engines, ``bench serve``'s baselines) and :mod:`.images` (diffusers pipelines).
 
 The pool and the adapter folder it serves from are core (:class:`loraswap.AdapterPool`,
 :class:`loraswap.AdapterFolder`). Importing this package imports neither Ray nor FastAPI and sets no

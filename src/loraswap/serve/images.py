@@ -38,6 +38,18 @@ def call_settings(request: ImageRequest) -> tuple:
     return (request.height_width(), request.num_inference_steps, request.guidance_scale)
 
 
+def default_size(pipe) -> str:
+    """The size the pipeline's ``__call__`` picks when given none: its ``default_sample_size`` (Flux, SD3) or its
+    denoiser's ``sample_size`` (SD, SDXL), in latents, times the VAE's scale factor."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    latent = getattr(pipe, "default_sample_size", None) or getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(latent, (tuple, list)):
+        height, width = latent[0] * pipe.vae_scale_factor, latent[1] * pipe.vae_scale_factor
+    else:
+        height = width = int(latent) * pipe.vae_scale_factor
+    return f"{width}x{height}"
+
+
 def png_b64(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -53,15 +65,15 @@ class ImageEngine:
         adapters: Mapping[str, str],
         *,
         slots: int = 4,
-        sizes: Sequence[str] = ("64x64",),
+        sizes: Sequence[str] | None = None,
         backend: str = "inductor",
     ) -> None:
         import loraswap
         from diffusers import DiffusionPipeline
 
         self.adapters = dict(adapters)
-        self.sizes = tuple(sizes)
         self.pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+        self.sizes = tuple(sizes) if sizes else (default_size(self.pipe),)
         self.pipe.set_progress_bar_config(disable=True)
         self.slots = loraswap.diffusers.attach(self.pipe, list(self.adapters.values()), slots=slots)
         self.pool = AdapterPool(self.slots, resolve=self.adapters.__getitem__)
@@ -73,6 +85,13 @@ class ImageEngine:
 
     def validate(self, adapter: str) -> None:
         self.pool.prefetch([adapter])[0].result()
+
+    def with_size(self, request: ImageRequest) -> ImageRequest:
+        """``request`` with its size (the first served size when it gives none), checked (:meth:`check_size`)."""
+        if request.size is None:
+            request = request.model_copy(update={"size": self.sizes[0]})
+        self.check_size(request)
+        return request
 
     def check_size(self, request: ImageRequest) -> None:
         """The UNet's graph is specialised to the latent size (diffusers computes with it in Python): only the

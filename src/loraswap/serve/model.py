@@ -218,7 +218,8 @@ class TextEngine(_TextModel):
         capacity = loraswap.Capacity.for_adapters(usable, model=self.model, slots=slots, max_batch=max_batch, max_blend=1)
         self.slots = loraswap.attach(self.model, capacity)
         self.pool = AdapterPool(self.slots, resolve=self.adapters.__getitem__)
-        self.model.forward = torch.compile(self.model.forward, dynamic=True, backend=backend)
+        if backend != "none":  # "none": eager (``bench serve --quick``)
+            self.model.forward = torch.compile(self.model.forward, dynamic=True, backend=backend)
         self._compiles = loraswap.CompileCounter()
 
     def validate(self, adapter: str) -> None:
