@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,30 @@ LLAMA_ADAPTERS = {
     ),
     "embed-and-v": dict(r=16, lora_alpha=16, target_modules=["embed_tokens", "v_proj", "up_proj"]),
 }
+
+
+# DoRA adapters (PEFT use_dora) on the same tiny Llama: Linear and Embedding layers, magnitudes moved off the norm.
+DORA_ADAPTERS = {
+    "dora-a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    "dora-b": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"]),
+}
+
+
+def write_dora_adapter(base: torch.nn.Module, path, seed: int = 0, **lora_config) -> Path:
+    """A PEFT DoRA adapter: random A and B, and magnitudes perturbed away from ``||W + s*B*A||`` (as training leaves
+    them; at the norm DoRA would equal plain LoRA, and a test could not tell them apart)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, use_dora=True, **lora_config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.5 * (torch.rand_like(param) - 0.5))
+            elif "lora_" in name:
+                param.normal_(0.0, 0.05)
+    model.save_pretrained(str(path))
+    return Path(path)
 
 
 def pytest_configure(config):
@@ -70,6 +96,15 @@ def llama_base():
 @pytest.fixture(scope="session")
 def llama_adapters(llama_base, tmp_path_factory):
     return write_adapters(llama_base, tmp_path_factory.mktemp("llama-adapters"), LLAMA_ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def dora_adapters(llama_base, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dora-adapters")
+    return {
+        name: write_dora_adapter(llama_base, directory / name, seed=10 + index, **spec)
+        for index, (name, spec) in enumerate(DORA_ADAPTERS.items())
+    }
 
 
 @pytest.fixture(scope="session")

@@ -88,6 +88,11 @@ def attach(
     targets = find_targets(model, capacity)
     shards = ShardPlan.detect(targets)  # empty unless target weights are DTensors (tensor parallel)
     capacity.check_layer_ranks(name for name, _, _ in targets)
+    if shards and capacity.dora:
+        raise CapacityError(
+            "Capacity(dora=True) on a tensor-parallel model: DoRA's norm spans whole weight rows, which the shards "
+            "split; serve DoRA adapters on an unsharded model, or attach without DoRA"
+        )
     devices = {module.weight.device for _, module, _ in targets}
     if len(devices) > 1:
         raise CapacityError(
@@ -103,7 +108,9 @@ def attach(
         place = layout.placements[name]
         group = place.group
         buffers = layout.views(storage.weights[group], storage.scales[group], storage.live[group], name)
-        slot_layer = shards.layer_class(name, layer_class)(module, *buffers, router)
+        dora = layout.dora_view(storage.weights[group], name)
+        extra = {} if dora is None else {"lora_dora": dora}  # tensor-parallel layers never take one (refused above)
+        slot_layer = shards.layer_class(name, layer_class)(module, *buffers, router, **extra)
         model.set_submodule(name, slot_layer)
     if shards:
         return TensorParallelSlots(model, capacity, layout, storage, router, cache, shards=shards, check_rows=check_rows)

@@ -81,6 +81,7 @@ _PEFT_SUFFIXES = (
     (".lora_B.bias", "lora_bias"),
     (".lora_embedding_A", "lora_A"),
     (".lora_embedding_B", "lora_B"),
+    (".lora_magnitude_vector", "magnitude"),  # DoRA
     (".base_layer.weight", "base_weight"),
 )
 _KOHYA_SUFFIXES = (
@@ -145,6 +146,7 @@ class LayerInfo:
     lora_B_shape: tuple[int, ...]
     bias_shape: tuple[int, ...] | None
     numel: int
+    magnitude_shape: tuple[int, ...] | None = None  # DoRA's lora_magnitude_vector
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,10 @@ class AdapterInfo:
         return any(layer.bias_shape is not None for layer in self.layers.values())
 
     @property
+    def has_dora(self) -> bool:
+        return any(layer.magnitude_shape is not None for layer in self.layers.values())
+
+    @property
     def parameters(self) -> int:
         return sum(layer.numel for layer in self.layers.values())
 
@@ -212,6 +218,7 @@ class AdapterInfo:
             alphas=list(self.alphas),
             scalings=list(self.scalings),
             has_bias=self.has_bias,
+            has_dora=self.has_dora,
             parameters=self.parameters,
         )
         return result
@@ -398,6 +405,7 @@ def _layer_info(
     lora_A = header.tensors[roles["lora_A"]]
     lora_B = header.tensors[roles["lora_B"]]
     bias = header.tensors[roles["lora_bias"]] if "lora_bias" in roles else None
+    magnitude = header.tensors[roles["magnitude"]] if "magnitude" in roles else None
     rank = lora_A.shape[0] if lora_A.shape else 0
     b_rank = lora_B.shape[1] if len(lora_B.shape) > 1 else 0
     if rank == 0 or b_rank == 0 or rank % b_rank:
@@ -418,8 +426,11 @@ def _layer_info(
     else:
         alpha = None
     scaling = 1.0 if alpha is None else lora_scaling(alpha, rank, use_rslora)
-    numel = lora_A.numel + lora_B.numel + (bias.numel if bias is not None else 0)
-    return LayerInfo(rank, alpha, scaling, lora_A.shape, lora_B.shape, bias.shape if bias is not None else None, numel)
+    numel = lora_A.numel + lora_B.numel + sum(t.numel for t in (bias, magnitude) if t is not None)
+    return LayerInfo(
+        rank, alpha, scaling, lora_A.shape, lora_B.shape, bias.shape if bias is not None else None, numel,
+        magnitude.shape if magnitude is not None else None,
+    )
 
 
 def weights_file(path: Path) -> tuple[Path, Path | None]:
@@ -570,7 +581,7 @@ def print_infos(infos: Sequence[AdapterInfo], show_layers: bool = False, console
             info.format,
             "/".join(str(rank) for rank in info.ranks),
             _numbers(info.alphas),
-            _numbers(info.scalings) + (" rsLoRA" if info.use_rslora else ""),
+            _numbers(info.scalings) + (" rsLoRA" if info.use_rslora else "") + (" DoRA" if info.has_dora else ""),
             str(len(info.layers)),
             targets,
             f"{format_bytes(info.parameter_bytes)} {','.join(info.dtypes)}",
