@@ -199,3 +199,78 @@ def test_fused_dora_matches_peft_and_merge_and_unload_and_unloads_bit_for_bit(ll
                 torch.testing.assert_close(logits, merged(tokens).logits, atol=1e-6, rtol=0)
         slots.unload(0)
     assert_unchanged(model, pristine)
+
+
+class ConvNet(torch.nn.Module):
+    """A conv (bias, padding, stride), a grouped conv and a Linear: PEFT's DoRA conv path and its refusal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.grouped = torch.nn.Conv2d(8, 8, 1, groups=2)
+        self.head = torch.nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.grouped(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def conv_case(tmp_path_factory):
+    from conftest import write_dora_adapter
+
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    directory = tmp_path_factory.mktemp("dora-conv")
+    paths = {
+        "conv": write_dora_adapter(base, directory / "conv", seed=1, r=4, lora_alpha=8, target_modules=["conv", "head"]),
+        "grouped": write_dora_adapter(base, directory / "grouped", seed=2, r=2, lora_alpha=2, target_modules=["grouped"]),
+    }
+    return base, paths, torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(1))
+
+
+def test_conv2d_dora_matches_peft_in_slots_and_fused_mode_and_grouped_conv_is_refused(conv_case):
+    base, paths, x = conv_case
+    with torch.no_grad():
+        reference = peft_reference(base, paths["conv"])(x)
+        merged = peft_reference(base, paths["conv"]).merge_and_unload()(x)
+        plain = base(x)
+    assert not torch.allclose(reference, plain, atol=1e-3)
+    model = copy.deepcopy(base)
+    slots = loraswap.attach(model, loraswap.Capacity.for_adapters([paths["conv"]], model=model, slots=2, max_batch=2))
+    slots.load(paths["conv"], slot=1)
+    slots.route([1, -1])
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out[0], reference[0], atol=1e-5, rtol=0)
+    assert torch.equal(out[1], plain[1])
+    fused_model = copy.deepcopy(base)
+    capacity = loraswap.Capacity.for_adapters([paths["conv"]], model=fused_model)
+    fused = loraswap.attach(fused_model, capacity, mode="fused")
+    fused.load(paths["conv"])
+    with torch.no_grad():
+        torch.testing.assert_close(fused_model(x), reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused_model(x), merged, atol=1e-6, rtol=0)
+    grouped_model = copy.deepcopy(base)
+    capacity = loraswap.Capacity.for_adapters([paths["grouped"]], model=grouped_model)
+    grouped = loraswap.attach(grouped_model, capacity)
+    before = snapshot(grouped_model)
+    with pytest.raises(loraswap.UnsupportedAdapterError, match="DoRA on a conv with groups=2"):
+        grouped.load(paths["grouped"])
+    assert_unchanged(grouped_model, before)
+
+
+def test_peft_dropin_answers_dora_as_peft_does(llama_base, sources):
+    """PEFT 0.21's hotswap_adapter does not swap DoRA (its key check meets lora_magnitude_vector); the drop-in
+    keeps PEFT's exception and message, as its contract says (DoRA is served through loraswap.attach)."""
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap
+
+    import loraswap.peft as dropin
+
+    outcomes = []
+    for hotswap in (peft_hotswap, dropin.hotswap_adapter):
+        model = PeftModel.from_pretrained(copy.deepcopy(llama_base), str(sources["dora-a"])).eval()
+        with pytest.raises(Exception) as raised:
+            hotswap(model, str(sources["dora-a"]), adapter_name="default")
+        outcomes.append((type(raised.value), str(raised.value)))
+    assert outcomes[0] == outcomes[1]
