@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-from loraswap.synthetic import peft_multi_adapter, tiny_llama, write_adapters
+from loraswap.synthetic import peft_multi_adapter, tiny_llama, write_adapters, write_dora_adapter
 
 # Four adapters that differ in rank, alpha, targets (disjoint and overlapping, attention and MLP),
 # rsLoRA, rank_pattern and alpha_pattern.
@@ -32,23 +30,6 @@ DORA_ADAPTERS = {
     "dora-a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
     "dora-b": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"]),
 }
-
-
-def write_dora_adapter(base: torch.nn.Module, path, seed: int = 0, **lora_config) -> Path:
-    """A PEFT DoRA adapter: random A and B, and magnitudes perturbed away from ``||W + s*B*A||`` (as training leaves
-    them; at the norm DoRA would equal plain LoRA, and a test could not tell them apart)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, use_dora=True, **lora_config))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.5 * (torch.rand_like(param) - 0.5))
-            elif "lora_" in name:
-                param.normal_(0.0, 0.05)
-    model.save_pretrained(str(path))
-    return Path(path)
 
 
 def pytest_configure(config):

@@ -12,7 +12,7 @@ from conftest import assert_unchanged, snapshot
 
 import loraswap
 from loraswap.errors import CapacityError, DoraStrengthError, NonFiniteError, ShapeMismatchError
-from loraswap.synthetic import peft_reference
+from loraswap.synthetic import peft_reference, write_dora_adapter
 
 ROWS = 4
 
@@ -216,8 +216,6 @@ class ConvNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def conv_case(tmp_path_factory):
-    from conftest import write_dora_adapter
-
     torch.manual_seed(0)
     base = ConvNet().eval()
     directory = tmp_path_factory.mktemp("dora-conv")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loraswap.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_peft_adapter
+from loraswap.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_dora_adapter
 from loraswap.serve.ray_local import start_local_ray, stop_ray
 from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
@@ -37,14 +37,14 @@ REPLICAS = 2
 
 @pytest.fixture(scope="module")
 def llama_served(tmp_path_factory):
-    """A tiny Llama folder (tokenizer saved with it) and its adapter folder: 5 adapters and one DoRA one."""
+    """A tiny Llama folder (tokenizer saved with it) and its adapter folder: 5 adapters and one DoRA one (served)."""
     root = tmp_path_factory.mktemp("serve-llama")
     folder = tiny_llama_folder(root / "tiny-llama")
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
     adapters = write_adapters(base, root / "adapters", ADAPTERS)
-    write_peft_adapter(base, root / "adapters" / "dora", r=4, target_modules=["q_proj"], use_dora=True)
+    adapters["dora"] = write_dora_adapter(base, root / "adapters" / "dora", r=4, target_modules=["q_proj"])
     return folder, root / "adapters", base, adapters
 
 
@@ -98,7 +98,7 @@ def test_completions_equal_peft_greedy_for_every_adapter_and_the_base(text_url, 
 
     folder, _, base, adapters = llama_served
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    models = [folder.name, *ADAPTERS, "task-0", folder.name]  # 8 requests in flight at once
+    models = [folder.name, *ADAPTERS, "dora", folder.name]  # 8 requests in flight at once
     bodies = [
         {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0} for model, prompt in zip(models, PROMPTS)
     ]
@@ -136,7 +136,6 @@ def test_stats_every_replica_no_recompile_after_warm_up(text_url, llama_served):
     "body, status, param",
     [
         ({"model": "no-such-adapter", "prompt": "the cat"}, 404, "model"),
-        ({"model": "dora", "prompt": "the cat"}, 400, "model"),  # refused at start: DoRA is not served
         ({"model": "task-0", "prompt": "the cat", "max_tokens": -1}, 400, "max_tokens"),
         ({"prompt": "the cat"}, 400, "model"),
     ],
