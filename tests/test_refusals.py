@@ -184,7 +184,8 @@ def test_lone_file_with_a_residual_init_in_its_header_is_refused(llama_adapters,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pipelines: the file's own keys are checked before diffusers' converters, which drop dora_scale silently
+# Pipelines: the file's own keys are checked before diffusers' converters, which drop dora_scale silently (the
+# input-axis DoRA convention is refused by name; the output axis is served, tests/test_dora_kohya.py)
 
 
 def with_keys(source: Path, target: Path, transform) -> Path:
@@ -197,9 +198,10 @@ def kohya_modules(tensors):
 
 
 def add_dora_scale(tensors):
-    """kohya/LyCORIS DoRA: a magnitude per output channel beside each layer's factors."""
+    """kohya/LyCORIS DoRA on the input axis (LyCORIS 2.2-3.1 dora_wd, OneTrainer): shape (1, in), refused by name
+    (the output-axis convention is served: tests/test_dora_kohya.py)."""
     for module in kohya_modules(tensors):
-        tensors[f"{module}.dora_scale"] = torch.ones(1, tensors[f"{module}.lora_up.weight"].shape[0])
+        tensors[f"{module}.dora_scale"] = torch.ones(1, tensors[f"{module}.lora_down.weight"].shape[1])
     return tensors
 
 

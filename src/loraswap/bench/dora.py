@@ -61,7 +61,7 @@ def dora_rows(base: nn.Module, spec: Mapping[str, Any], directory: Path, tokens:
         warmup=3,
     )
     forward = {name: statistics.median(values) for name, values in samples.items()}
-    swaps = {"swap, plain": _swap_median(one_slots, plain), "swap, DoRA": _swap_median(one_slots, dora)}
+    swaps = _swap_medians(one_slots, {"swap, plain": plain, "swap, DoRA": dora})
     return {
         "forward_median_s": forward,
         "swap_median_s": swaps,
@@ -83,17 +83,20 @@ def _attached(base: nn.Module, paths: list[Path], **options: Any):
     return _Compiled(model), slots
 
 
-def _swap_median(slots, paths: list[Path], cycles: int = 20) -> float:
-    """Median ``load`` time cycling through ``paths`` (from the host cache after the first pass)."""
-    for path in paths:
-        slots.load(path)
-    seconds = []
-    for _ in range(cycles):
+def _swap_medians(slots, sets: Mapping[str, list[Path]], cycles: int = 20) -> dict[str, float]:
+    """Median ``load`` time per set of adapters, the sets interleaved in each cycle (from the host cache after the
+    first pass), so that both see the same machine."""
+    for paths in sets.values():
         for path in paths:
-            start = time.perf_counter()
             slots.load(path)
-            seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    seconds: dict[str, list[float]] = {name: [] for name in sets}
+    for _ in range(cycles):
+        for name, paths in sets.items():
+            for path in paths:
+                start = time.perf_counter()
+                slots.load(path)
+                seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def dora_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:

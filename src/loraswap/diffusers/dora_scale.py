@@ -1,0 +1,162 @@
+"""kohya/LyCORIS/OneTrainer DoRA (``<module>.dora_scale``) in pipeline files, read into PEFT's magnitude vectors.
+
+diffusers 0.42.1's ``lora_state_dict`` deletes every ``dora_scale`` key (with a warning) before converting, so a
+DoRA file would load as plain LoRA. Here the file's ``dora_scale`` tensors are taken out first and the rest goes
+through diffusers' converters as usual; each scale is then given back to the layer whose ``lora_A`` *is* its
+module's ``lora_down`` tensor (the converters move tensors, never copy them, as the kohya alphas rely on too),
+rows sliced where a converter split a fused ``lora_up`` (Flux ``qkv``: an output-axis norm is per row, so a row
+split stays exact). A layer whose tensors a converter rebuilt cannot be traced and is refused by name.
+
+Two conventions exist, told apart by the stored layout:
+
+- output axis, shape ``(out, 1[, 1, 1])`` (PEFT's math; LyCORIS' default since 3.2): served, as PEFT's
+  ``lora_magnitude_vector``;
+- input axis, shape ``(1, in[, 1, 1])`` (LyCORIS 2.2-3.1 ``dora_wd``, OneTrainer's default): the layer's input is
+  rescaled per column, which a slot does not apply: refused by name.
+
+A squeezed 1-D scale on a square weight says neither, unless the header's metadata names the axis (LyCORIS
+``wd_on_output``): refused by name otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdapterFormatError, UnsupportedAdapterError
+
+SUFFIX = ".dora_scale"
+
+
+def take_dora_scales(source: Any, label: str) -> tuple[Any, dict[int, tuple[str, torch.Tensor, torch.Tensor]]]:
+    """``(source without its dora_scale keys, {id(lora_down): (module, lora_up, magnitude [out])})``.
+
+    ``source`` comes back unchanged when it holds no ``dora_scale`` key; otherwise as a state dict (the file read
+    once here, the same tensors then handed to diffusers). Raises for an input-axis or ambiguous scale."""
+    tensors, metadata = _tensors(source)
+    if tensors is None or not any(key.endswith(SUFFIX) for key in tensors):
+        return source, {}
+    on_output = _wd_on_output(metadata)
+    scales = {}
+    for key in [key for key in tensors if key.endswith(SUFFIX)]:
+        module = key[: -len(SUFFIX)]
+        down, up = tensors.get(f"{module}.lora_down.weight"), tensors.get(f"{module}.lora_up.weight")
+        if down is None or up is None:
+            raise AdapterFormatError(f"{label}: {key} has no lora_down/lora_up pair beside it; the file is incomplete")
+        out, fan_in = int(up.shape[0]), int(down.shape[1])  # fan_in: input features / channels
+        scales[id(down)] = (module, up, _magnitude(label, key, tensors[key], out, fan_in, on_output))
+    return {key: value for key, value in tensors.items() if not key.endswith(SUFFIX)}, scales
+
+
+def with_magnitudes(
+    peft_state_dict: dict[str, torch.Tensor], scales: Mapping[int, tuple[str, torch.Tensor, torch.Tensor]], label: str
+) -> dict[str, torch.Tensor]:
+    """Add ``<layer>.lora_magnitude_vector`` to every converted layer whose ``lora_A`` is a DoRA module's down."""
+    if not scales:
+        return peft_state_dict
+    traced: set[int] = set()
+    for key, tensor in list(peft_state_dict.items()):
+        if not key.endswith(".lora_A.weight") or id(tensor) not in scales:
+            continue
+        layer = key[: -len(".lora_A.weight")]
+        module, up, magnitude = scales[id(tensor)]
+        lora_B = peft_state_dict.get(f"{layer}.lora_B.weight")
+        rows = _rows_of(lora_B, up)
+        if rows is None:
+            raise UnsupportedAdapterError(
+                f"{label}: DoRA in kohya/LyCORIS form (dora_scale of {module!r}) cannot be traced to layer {layer!r}: "
+                "diffusers' converter rebuilt its lora_up, so which output rows the magnitude belongs to is unknown; "
+                "convert the file to PEFT's lora_magnitude_vector layout"
+            )
+        peft_state_dict[f"{layer}.lora_magnitude_vector"] = magnitude[rows]
+        traced.add(id(tensor))
+    missing = [module for down, (module, _, _) in scales.items() if down not in traced]
+    if missing:
+        raise UnsupportedAdapterError(
+            f"{label}: DoRA in kohya/LyCORIS form (dora_scale of {missing[0]!r}) belongs to no layer diffusers' "
+            "converter produced (it rebuilt that module's tensors); convert the file to PEFT's lora_magnitude_vector"
+        )
+    return peft_state_dict
+
+
+def _rows_of(lora_B: torch.Tensor | None, up: torch.Tensor) -> slice | None:
+    """The rows of ``up`` that ``lora_B`` is: all of it, or the slice a split (a view of its storage) took."""
+    if lora_B is None:
+        return None
+    if lora_B is up:
+        return slice(0, up.shape[0])
+    same_storage = lora_B.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
+    if not same_storage or lora_B.stride(0) != up.stride(0) or lora_B.shape[1:] != up.shape[1:]:
+        return None
+    start, extra = divmod(lora_B.storage_offset() - up.storage_offset(), up.stride(0))
+    return None if extra or start < 0 else slice(start, start + lora_B.shape[0])
+
+
+def _magnitude(label: str, key: str, scale: torch.Tensor, out: int, fan_in: int, on_output: bool | None) -> torch.Tensor:
+    """The output-axis magnitude ``[out]``, or a named refusal for the input axis or an ambiguous 1-D scale."""
+    shape = tuple(scale.shape)
+    if len(shape) == 1:
+        axis = {(True, False): "output", (False, True): "input"}.get((shape[0] == out, shape[0] == fan_in))
+        if axis is None and shape[0] == out == fan_in:
+            axis = {True: "output", False: "input"}.get(on_output)
+            if axis is None:
+                raise UnsupportedAdapterError(
+                    f"{label}: DoRA in kohya/LyCORIS form, a squeezed 1-D dora_scale on a square weight (key {key!r}, "
+                    f"shape {list(shape)}) cannot be hot-swapped: it may index the output or the input axis and the "
+                    "header does not say (LyCORIS metadata wd_on_output); re-save it with its 2-D shape, or add that "
+                    "metadata"
+                )
+    elif len(shape) >= 2 and shape[0] == out and all(size == 1 for size in shape[1:]):
+        axis = "output"
+    elif len(shape) >= 2 and shape[0] == 1 and shape[1] == fan_in:
+        axis = "input"
+    else:
+        axis = None
+    if axis == "input":
+        raise UnsupportedAdapterError(
+            f"{label}: DoRA in kohya/LyCORIS form on the input axis (key {key!r}, shape {list(shape)}) cannot be "
+            "hot-swapped: it rescales the layer's input per column (LyCORIS 2.2-3.1 dora_wd, OneTrainer's default), "
+            "which loraswap does not serve yet; re-train or convert it with the output-axis convention (LyCORIS "
+            "wd_on_output=True, dora_scale of shape (out, 1))"
+        )
+    if axis is None:
+        raise AdapterFormatError(
+            f"{label}: {key} has shape {list(shape)}, which fits neither the output axis ({out}) nor the input axis "
+            f"({fan_in}) of its layer; the file is corrupt"
+        )
+    return scale.reshape(out)
+
+
+def _wd_on_output(metadata: Mapping[str, str]) -> bool | None:
+    """LyCORIS' ``wd_on_output`` from the header (``ss_network_args`` JSON or a top-level entry), if any."""
+    for raw in (metadata.get("wd_on_output"), _network_args(metadata).get("wd_on_output")):
+        if raw is not None:
+            return str(raw).lower() in ("true", "1")
+    return None
+
+
+def _network_args(metadata: Mapping[str, str]) -> dict:
+    try:
+        args = json.loads(metadata.get("ss_network_args", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return args if isinstance(args, dict) else {}
+
+
+def _tensors(source: Any) -> tuple[dict[str, torch.Tensor] | None, Mapping[str, str]]:
+    """A state dict and its metadata: the mapping itself, or a lone safetensors file read whole."""
+    if isinstance(source, Mapping):
+        return dict(source), {}
+    path = Path(source).expanduser() if isinstance(source, (str, Path)) else None
+    if path is None or path.suffix != ".safetensors" or not path.is_file():
+        return None, {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        if not any(key.endswith(SUFFIX) for key in handle.keys()):
+            return {}, {}
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
