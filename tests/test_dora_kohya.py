@@ -118,3 +118,15 @@ def test_squeezed_square_dora_scale_is_refused_unless_the_header_names_the_axis(
     named = with_dora_scales(plain, directory / "named.safetensors", squeeze=True, metadata={"wd_on_output": "True"})
     adapter = lsd.read_pipeline_adapter(pipe, str(named))
     assert all(layer.magnitude is not None for part in adapter.components.values() for layer in part.layers.values())
+
+
+def test_kohya_flux_dora_scale_is_refused_by_name_not_loaded_as_plain_lora(tmp_path):
+    """diffusers' kohya Flux converter rescales every module's tensors by alpha (new tensors), so no scale can be
+    traced to its layer: refused by name, where diffusers would load the file as plain LoRA."""
+    from loraswap.synthetic_diffusers import tiny_flux_pipeline, write_kohya_flux_lora
+
+    pipe = tiny_flux_pipeline()
+    plain = write_kohya_flux_lora(pipe, tmp_path / "flux.safetensors")
+    dora = with_dora_scales(plain, tmp_path / "flux-dora.safetensors")
+    with pytest.raises(loraswap.UnsupportedAdapterError, match="dora_scale .* cannot be hot-swapped from this layout"):
+        lsd.read_pipeline_adapter(pipe, str(dora))

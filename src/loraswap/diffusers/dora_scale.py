@@ -53,12 +53,15 @@ def take_dora_scales(source: Any, label: str) -> tuple[Any, dict[int, tuple[str,
 
 
 def with_magnitudes(
-    peft_state_dict: dict[str, torch.Tensor], scales: Mapping[int, tuple[str, torch.Tensor, torch.Tensor]], label: str
+    peft_state_dict: dict[str, torch.Tensor],
+    scales: Mapping[int, tuple[str, torch.Tensor, torch.Tensor]],
+    label: str,
+    traced: set[int],
 ) -> dict[str, torch.Tensor]:
-    """Add ``<layer>.lora_magnitude_vector`` to every converted layer whose ``lora_A`` is a DoRA module's down."""
+    """Add ``<layer>.lora_magnitude_vector`` to every converted layer whose ``lora_A`` is a DoRA module's down;
+    record the downs found in ``traced`` (:func:`check_all_traced` then refuses a scale no layer took)."""
     if not scales:
         return peft_state_dict
-    traced: set[int] = set()
     for key, tensor in list(peft_state_dict.items()):
         if not key.endswith(".lora_A.weight") or id(tensor) not in scales:
             continue
@@ -74,13 +77,20 @@ def with_magnitudes(
             )
         peft_state_dict[f"{layer}.lora_magnitude_vector"] = magnitude[rows]
         traced.add(id(tensor))
-    missing = [module for down, (module, _, _) in scales.items() if down not in traced]
+    return peft_state_dict
+
+
+def check_all_traced(scales: Mapping[int, tuple[str, torch.Tensor, torch.Tensor]], traced: set[int], label: str) -> None:
+    """Refuse a ``dora_scale`` that reached no layer: the converter rebuilt its module's tensors (kohya Flux scales
+    them by alpha), so the file would otherwise load as plain LoRA."""
+    missing = sorted(module for down, (module, _, _) in scales.items() if down not in traced)
     if missing:
         raise UnsupportedAdapterError(
-            f"{label}: DoRA in kohya/LyCORIS form (dora_scale of {missing[0]!r}) belongs to no layer diffusers' "
-            "converter produced (it rebuilt that module's tensors); convert the file to PEFT's lora_magnitude_vector"
+            f"{label}: DoRA in kohya/LyCORIS form (dora_scale of {missing[0]!r}, {len(missing)} module(s)) cannot be "
+            "hot-swapped from this layout: diffusers' converter rebuilds those modules' tensors (kohya Flux files are "
+            "rescaled by alpha), so the magnitudes cannot be traced to their layers; convert the file to PEFT's "
+            "lora_magnitude_vector layout"
         )
-    return peft_state_dict
 
 
 def _rows_of(lora_B: torch.Tensor | None, up: torch.Tensor) -> slice | None:

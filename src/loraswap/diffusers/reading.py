@@ -40,7 +40,7 @@ from ..cache import cache_key
 from ..errors import AdapterFormatError, AdapterNotFoundError, CapacityError, HotswapError
 from ..info import component_configs, read_safetensors_header, weights_file
 from ..support import refuse_unsupported
-from .dora_scale import take_dora_scales, with_magnitudes
+from .dora_scale import check_all_traced, take_dora_scales, with_magnitudes
 
 PipelineSource = Union[str, os.PathLike, Mapping[str, torch.Tensor], Adapter, "PipelineAdapter"]
 
@@ -106,15 +106,17 @@ def read_pipeline_adapter(
     state_dict, network_alphas, metadata = _diffusers_state_dict(pipe, source, label, allow_pickle, hub_kwargs)
     _check_prefixes(state_dict, components, label)
     adapters = {}
+    traced: set[int] = set()
     for name, module in components.items():
         part = {key[len(name) + 1 :]: value for key, value in state_dict.items() if key.startswith(name + ".")}
         if not part:
             continue
         alphas = {key[len(name) + 1 :]: float(value) for key, value in network_alphas.items() if key.startswith(name + ".")}
         config = {key[len(name) + 1 :]: value for key, value in metadata.items() if key.startswith(name + ".")}
-        adapters[name] = component_adapter(part, alphas, config or None, module, f"{label}:{name}", dora_scales)
+        adapters[name] = component_adapter(part, alphas, config or None, module, f"{label}:{name}", (dora_scales, traced))
     if not adapters:
         raise AdapterFormatError(f"{label}: holds no LoRA tensors for any of {sorted(components)}")
+    check_all_traced(dora_scales, traced, label)
     if into_transformer_2:
         adapters = _into_transformer_2(adapters, components, label)
     return PipelineAdapter(adapters, label)
@@ -138,7 +140,7 @@ def component_adapter(
     config: Mapping[str, Any] | None,
     module: nn.Module,
     source: str,
-    dora_scales: Mapping[int, Any] | None = None,
+    dora_scales: tuple[Mapping[int, Any], set[int]] | None = None,
 ) -> Adapter:
     """One component's diffusers-keyed LoRA tensors -> :class:`Adapter` (PEFT module names, exact scalings).
 
@@ -151,7 +153,8 @@ def component_adapter(
         peft_state_dict = _to_peft_keys(state_dict, text_encoder=is_text_encoder(module), module=module)
     except CONVERTER_ERRORS as err:
         raise AdapterFormatError(f"{source}: diffusers cannot convert these LoRA keys ({err})") from err
-    peft_state_dict = with_magnitudes(peft_state_dict, _own_scales(dora_scales, state_dict), source)
+    if dora_scales is not None:  # kohya dora_scale, by the identity of each module's lora_down (see dora_scale.py)
+        peft_state_dict = with_magnitudes(peft_state_dict, dora_scales[0], source, dora_scales[1])
     if alpha_by_tensor:
         for key, tensor in list(peft_state_dict.items()):
             if key.endswith(".lora_A.weight") and id(tensor) in alpha_by_tensor:
@@ -159,14 +162,6 @@ def component_adapter(
                 peft_state_dict[f"{module_name}.alpha"] = torch.tensor(alpha_by_tensor[id(tensor)])
         config = None
     return adapter_from_state_dict(peft_state_dict, config, source=source)
-
-
-def _own_scales(dora_scales: Mapping[int, Any] | None, state_dict: Mapping[str, torch.Tensor]) -> dict[int, Any]:
-    """The kohya DoRA scales whose ``lora_down`` is among this component's tensors."""
-    if not dora_scales:
-        return {}
-    ids = {id(tensor) for tensor in state_dict.values()}
-    return {down: scale for down, scale in dora_scales.items() if down in ids}
 
 
 def _alphas_by_tensor(state_dict, network_alphas: Mapping[str, float], source: str) -> dict[int, float]:
