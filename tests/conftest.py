@@ -69,6 +69,15 @@ def holds_rows_past_live(slots, slot: int) -> bool:
     return False
 
 
+def sd_latents(pipe) -> torch.Tensor:
+    """One denoising step of a tiny SD pipeline on a fixed prompt and seed, as latents (DoRA pipeline tests)."""
+    with torch.no_grad():
+        return pipe(
+            "a cat", num_inference_steps=1, output_type="latent", height=16, width=16,
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def llama_base():
     return tiny_llama(hidden=64, layers=2, vocab=96)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import sd_latents
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -16,14 +17,6 @@ from loraswap import diffusers as lsd
 from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
 SPEC = LoraSpec(targets={"unet": ["to_q", "to_v"], "text_encoder": ["q_proj", "v_proj"]}, rank=4, alpha=8.0)
-
-
-def generate(pipe):
-    with torch.no_grad():
-        return pipe(
-            "a cat", num_inference_steps=1, output_type="latent", height=16, width=16,
-            generator=torch.Generator().manual_seed(0),
-        ).images  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +59,20 @@ def peft_reference(pipe, path):
 
 def test_pipeline_dora_matches_peft_in_slots_and_the_drop_in(case):
     pipe, path, plain = case
-    expected = generate(peft_reference(pipe, path))
+    expected = sd_latents(peft_reference(pipe, path))
     plain_reference = copy.deepcopy(pipe)
     plain_reference.load_lora_weights(str(plain))
-    assert not torch.allclose(expected, generate(plain_reference), atol=1e-4)  # DoRA is not its plain factors
+    assert not torch.allclose(expected, sd_latents(plain_reference), atol=1e-4)  # DoRA is not its plain factors
 
     attached = copy.deepcopy(pipe)
     pipeline_slots = lsd.attach(attached, [path])
     assert pipeline_slots.components["unet"].capacity.dora and pipeline_slots.components["text_encoder"].capacity.dora
     pipeline_slots.load(path)
-    torch.testing.assert_close(generate(attached), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sd_latents(attached), expected, atol=1e-5, rtol=0)
 
     dropin = copy.deepcopy(pipe)
     lsd.enable_lora_hotswap(dropin, target_rank=8)
     dropin.load_lora_weights(str(path))
-    torch.testing.assert_close(generate(dropin), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sd_latents(dropin), expected, atol=1e-5, rtol=0)
     dropin.unload_lora_weights()
-    torch.testing.assert_close(generate(dropin), generate(pipe), atol=0, rtol=0)
+    torch.testing.assert_close(sd_latents(dropin), sd_latents(pipe), atol=0, rtol=0)

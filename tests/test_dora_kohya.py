@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, sd_latents, snapshot
 from safetensors.torch import load_file, save_file
 
 import loraswap
@@ -17,14 +17,6 @@ from loraswap import diffusers as lsd
 from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
 
 SPEC = LoraSpec(targets={"unet": ["to_q", "to_k", "to_out.0"], "text_encoder": ["q_proj", "fc1"]}, rank=4, alpha=2.0)
-
-
-def generate(pipe):
-    with torch.no_grad():
-        return pipe(
-            "a cat", num_inference_steps=1, output_type="latent", height=16, width=16,
-            generator=torch.Generator().manual_seed(0),
-        ).images  # fmt: skip
 
 
 def with_dora_scales(path, target, squeeze=False, metadata=None):
@@ -87,22 +79,22 @@ def test_the_hand_formula_is_peft_dora_on_one_layer():
 
 def test_kohya_output_axis_dora_matches_the_formula_and_diffusers_drops_it(case):
     pipe, plain, dora, _ = case
-    expected = generate(merged_by_hand(pipe, dora, dora=True))
+    expected = sd_latents(merged_by_hand(pipe, dora, dora=True))
     diffusers_pipe = copy.deepcopy(pipe)
     diffusers_pipe.load_lora_weights(str(dora))  # 0.42.1: deletes every dora_scale key, warns, loads plain LoRA
     plain_pipe = copy.deepcopy(pipe)
     plain_pipe.load_lora_weights(str(plain))
-    assert torch.equal(generate(diffusers_pipe), generate(plain_pipe))
-    assert not torch.allclose(generate(diffusers_pipe), expected, atol=1e-4)
+    assert torch.equal(sd_latents(diffusers_pipe), sd_latents(plain_pipe))
+    assert not torch.allclose(sd_latents(diffusers_pipe), expected, atol=1e-4)
 
     attached = copy.deepcopy(pipe)
     pipeline_slots = lsd.attach(attached, [dora, plain], slots=2)
     pipeline_slots.load(dora, slot=0)
     pipeline_slots.load(plain, slot=1)
     pipeline_slots.activate(0)
-    torch.testing.assert_close(generate(attached), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sd_latents(attached), expected, atol=1e-5, rtol=0)
     pipeline_slots.activate(1)
-    torch.testing.assert_close(generate(attached), generate(merged_by_hand(pipe, plain, dora=False)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sd_latents(attached), sd_latents(merged_by_hand(pipe, plain, dora=False)), atol=1e-5, rtol=0)
 
 
 def test_squeezed_square_dora_scale_is_refused_unless_the_header_names_the_axis(case):
