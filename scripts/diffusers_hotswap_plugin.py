@@ -11,7 +11,7 @@ diffusers' implementation or loraswap's.
 - ``TestLoraHotSwappingForPipeline`` loads the hub repo ``hf-internal-testing/tiny-sd-pipe``, which is
   not reachable offline: ``DiffusionPipeline.from_pretrained`` of that id loads a local tiny SD pipeline
   of the same layout instead (UNet block channels (32, 64), CLIP hidden 32, written once per session
-  by :func:`loraswap.synthetic_diffusers.tiny_sd_pipeline`).
+  by :func:`loraswap.testing.synthetic_diffusers.tiny_sd_pipeline`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _implementation() -> str:
 def _serve_tiny_sd_pipe_locally() -> None:
     from diffusers import DiffusionPipeline
 
-    from loraswap.synthetic_diffusers import tiny_sd_pipeline
+    from loraswap.testing.synthetic_diffusers import tiny_sd_pipeline
 
     local = Path(tempfile.mkdtemp(prefix="tiny-sd-pipe-"))
     tiny_sd_pipeline(channels=32, text_hidden=32).save_pretrained(local)

@@ -66,7 +66,7 @@ class Check:
     """The shared setup: a Llama-style model on CUDA and four PEFT adapters written to disk."""
 
     def __init__(self, directory: Path) -> None:
-        from loraswap.synthetic import tiny_llama, write_adapters
+        from loraswap.testing.synthetic import tiny_llama, write_adapters
 
         self.base_cpu = tiny_llama(hidden=HIDDEN, layers=LAYERS, vocab=VOCAB)
         self.paths = list(write_adapters(self.base_cpu, directory, ADAPTERS).values())
@@ -80,7 +80,7 @@ class Check:
         return model, loraswap.attach(model, capacity, **options)
 
     def peft(self, path: Path, dtype: torch.dtype):
-        from loraswap.synthetic import peft_reference
+        from loraswap.testing.synthetic import peft_reference
 
         return peft_reference(self.base_cpu, path).to("cuda", dtype)
 

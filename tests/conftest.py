@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from loraswap.synthetic import peft_multi_adapter, tiny_llama, write_adapters, write_dora_adapter
+from loraswap.testing.synthetic import peft_multi_adapter, tiny_llama, write_adapters, write_dora_adapter
 
 # Four adapters that differ in rank, alpha, targets (disjoint and overlapping, attention and MLP),
 # rsLoRA, rank_pattern and alpha_pattern.

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
-from loraswap.adapter import ReadBuffer
-from loraswap.synthetic import peft_reference, write_peft_adapter
+from loraswap.formats.safetensors import ReadBuffer
+from loraswap.testing.synthetic import peft_reference, write_peft_adapter
 
 
 def test_scalings_follow_rank_pattern_alpha_pattern_and_rslora(llama_adapters):

@@ -13,7 +13,7 @@ import torch
 import loraswap
 from loraswap import Capacity, attach
 from loraswap.cache import AdapterCache, cache_key
-from loraswap.synthetic import peft_reference, tiny_llama, write_peft_adapter
+from loraswap.testing.synthetic import peft_reference, tiny_llama, write_peft_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 RANKS = {"a": 4, "b": 8, "c": 16}

@@ -8,7 +8,7 @@ import pytest
 
 import loraswap
 import loraswap.capacity
-from loraswap.synthetic import write_peft_adapter
+from loraswap.testing.synthetic import write_peft_adapter
 
 
 @pytest.mark.parametrize("per_layer_rank", [False, True])

@@ -16,7 +16,7 @@ import loraswap
 from loraswap import cli
 from loraswap.demo import DEMO_ADAPTERS, run_demo
 from loraswap.plan import capacity_dict
-from loraswap.synthetic import tiny_llama, write_peft_adapter
+from loraswap.testing.synthetic import tiny_llama, write_peft_adapter
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -49,7 +49,7 @@ def llama_model_dir(llama_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_pipeline(tmp_path_factory):
     """A tiny random-init Stable Diffusion pipeline and its saved folder (what ``--model`` points at)."""
-    from loraswap.synthetic_diffusers import tiny_sd_pipeline
+    from loraswap.testing.synthetic_diffusers import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
     directory = tmp_path_factory.mktemp("sd-pipeline")

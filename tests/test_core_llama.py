@@ -10,7 +10,7 @@ import torch
 from conftest import LLAMA_ADAPTERS
 
 import loraswap
-from loraswap.synthetic import peft_reference
+from loraswap.testing.synthetic import peft_reference
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import loraswap
 import loraswap.diffusers as lsd
-from loraswap.synthetic import peft_reference, write_peft_adapter
-from loraswap.synthetic_diffusers import (
+from loraswap.testing.synthetic import peft_reference, write_peft_adapter
+from loraswap.testing.synthetic_diffusers import (
     LoraSpec,
     expected_kohya_scalings,
     random_lora_layers,

@@ -13,7 +13,7 @@ import torch
 
 import loraswap
 import loraswap.diffusers as lsd
-from loraswap.synthetic_diffusers import tiny_unet, write_model_lora
+from loraswap.testing.synthetic_diffusers import tiny_unet, write_model_lora
 
 # Layers of the first LoRA (a conv among them) and others the second adds; ranks differ, the third is too big.
 MODEL_LORAS = {

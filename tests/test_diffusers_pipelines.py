@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import loraswap.diffusers as lsd
-from loraswap.synthetic_diffusers import (
+from loraswap.testing.synthetic_diffusers import (
     LoraSpec,
     tiny_qwenimage_pipeline,
     tiny_sd3_pipeline,

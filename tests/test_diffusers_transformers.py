@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import loraswap.diffusers as lsd
-from loraswap.synthetic_diffusers import TINY_TRANSFORMERS, tiny_transformer, tiny_transformer_inputs, write_model_lora
+from loraswap.testing.synthetic_diffusers import TINY_TRANSFORMERS, tiny_transformer, tiny_transformer_inputs, write_model_lora
 
 # The first LoRA: attention projections; the second: a higher rank, fewer attention layers, and the output projection
 # (a layer the first did not target, which diffusers' hotswap refuses and loraswap's capacity holds).

@@ -12,7 +12,7 @@ from conftest import assert_unchanged, snapshot
 
 import loraswap
 from loraswap.errors import CapacityError, DoraStrengthError, NonFiniteError, ShapeMismatchError
-from loraswap.synthetic import peft_reference, write_dora_adapter
+from loraswap.testing.synthetic import peft_reference, write_dora_adapter
 
 ROWS = 4
 

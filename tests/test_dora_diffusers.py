@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loraswap import diffusers as lsd
-from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
+from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
 SPEC = LoraSpec(targets={"unet": ["to_q", "to_v"], "text_encoder": ["q_proj", "v_proj"]}, rank=4, alpha=8.0)
 

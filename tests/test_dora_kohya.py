@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import loraswap
 from loraswap import diffusers as lsd
-from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
+from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
 
 SPEC = LoraSpec(targets={"unet": ["to_q", "to_k", "to_out.0"], "text_encoder": ["q_proj", "fc1"]}, rank=4, alpha=2.0)
 
@@ -115,7 +115,7 @@ def test_squeezed_square_dora_scale_is_refused_unless_the_header_names_the_axis(
 def test_kohya_flux_dora_scale_is_refused_by_name_not_loaded_as_plain_lora(tmp_path):
     """diffusers' kohya Flux converter rescales every module's tensors by alpha (new tensors), so no scale can be
     traced to its layer: refused by name, where diffusers would load the file as plain LoRA."""
-    from loraswap.synthetic_diffusers import tiny_flux_pipeline, write_kohya_flux_lora
+    from loraswap.testing.synthetic_diffusers import tiny_flux_pipeline, write_kohya_flux_lora
 
     pipe = tiny_flux_pipeline()
     plain = write_kohya_flux_lora(pipe, tmp_path / "flux.safetensors")

@@ -21,7 +21,7 @@ from loraswap.errors import (
     ShapeMismatchError,
     SlotError,
 )
-from loraswap.synthetic import write_peft_adapter
+from loraswap.testing.synthetic import write_peft_adapter
 
 
 @pytest.fixture(scope="module")

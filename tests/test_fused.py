@@ -15,7 +15,7 @@ from torch import nn
 import loraswap
 from loraswap.errors import CapacityError, ModeError, NonFiniteError, SlotError
 from loraswap.fused import FusedSlots
-from loraswap.synthetic import peft_reference, tiny_llama, write_adapters
+from loraswap.testing.synthetic import peft_reference, tiny_llama, write_adapters
 
 ATOL = 1e-4
 

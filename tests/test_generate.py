@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import loraswap
-from loraswap.synthetic import peft_reference
+from loraswap.testing.synthetic import peft_reference
 
 NEW_TOKENS = 8
 

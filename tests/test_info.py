@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraswap
-from loraswap import synthetic_diffusers
-from loraswap.info import FORMAT_DIFFUSERS, FORMAT_KOHYA, FORMAT_PEFT_DIR, FORMAT_PEFT_FILE
-from loraswap.synthetic import write_peft_adapter
+from loraswap.testing import synthetic_diffusers
+from loraswap.formats.lora_keys import FORMAT_DIFFUSERS, FORMAT_KOHYA, FORMAT_PEFT_DIR, FORMAT_PEFT_FILE
+from loraswap.testing.synthetic import write_peft_adapter
 
 UNET_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]}
 

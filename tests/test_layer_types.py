@@ -10,7 +10,7 @@ from torch import nn
 
 import loraswap
 from loraswap.layers import SlotLayer
-from loraswap.synthetic import peft_reference, write_adapters
+from loraswap.testing.synthetic import peft_reference, write_adapters
 
 
 class ConvZoo(nn.Module):

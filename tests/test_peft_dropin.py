@@ -345,7 +345,7 @@ def test_diffusers_model_hotswap_goes_through_loraswap(monkeypatch):
     backend: its guards decide recompilation; inductor is exercised in test_core_llama and test_fused.)"""
     from peft.utils import get_peft_model_state_dict
 
-    from loraswap.synthetic_diffusers import tiny_unet
+    from loraswap.testing.synthetic_diffusers import tiny_unet
 
     def unet():
         return tiny_unet(channels=8, cross_attention_dim=16)

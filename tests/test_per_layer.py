@@ -11,7 +11,7 @@ from torch import nn
 import loraswap
 from loraswap.errors import CapacityError
 from loraswap.layers import SlotLayer
-from loraswap.synthetic import peft_reference, write_adapters
+from loraswap.testing.synthetic import peft_reference, write_adapters
 
 ATOL = 1e-4
 

@@ -12,7 +12,7 @@ import torch
 
 import loraswap
 from loraswap import AdapterFolder, AdapterPool
-from loraswap.synthetic import merged_reference, peft_reference, write_catalogue
+from loraswap.testing.synthetic import merged_reference, peft_reference, write_catalogue
 
 SLOTS = 3
 ROWS = 6

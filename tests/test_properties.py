@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import loraswap
 from loraswap.errors import SlotError
 from loraswap.routing import Router
-from loraswap.synthetic import LLAMA_PROJECTIONS, peft_reference, write_peft_adapter
+from loraswap.testing.synthetic import LLAMA_PROJECTIONS, peft_reference, write_peft_adapter
 
 adapter_specs = st.fixed_dictionaries(
     {

@@ -16,7 +16,7 @@ import torch
 
 import loraswap
 from loraswap.errors import ModeError
-from loraswap.synthetic import peft_reference
+from loraswap.testing.synthetic import peft_reference
 
 ADAPTERS = ("attn-r2", "mlp-r32-rslora")
 

@@ -242,7 +242,7 @@ def kohya_flux_linear1(tensors):
 def pipelines(tmp_path_factory):
     """An attached tiny SD and tiny Flux pipeline, each with a valid kohya LoRA loaded, and the refused files."""
     from loraswap import diffusers as lsd
-    from loraswap.synthetic_diffusers import (
+    from loraswap.testing.synthetic_diffusers import (
         LoraSpec,
         tiny_flux_pipeline,
         tiny_sd_pipeline,
@@ -316,7 +316,7 @@ def test_enable_lora_hotswap_rank_errors_name_target_rank(tmp_path):
     """Over target_rank at the first load (which sizes the capacity) and at a later hotswap, the error speaks of
     target_rank, the drop-in's word, not of Capacity.max_rank."""
     from loraswap import diffusers as lsd
-    from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
+    from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_kohya_lora
 
     pipe = tiny_sd_pipeline()
     r2, r4 = (write_kohya_lora(pipe, tmp_path / f"r{rank}.safetensors", LoraSpec(targets={"unet": ["to_q"]}, rank=rank))

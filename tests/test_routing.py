@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import loraswap
-from loraswap.synthetic import merged_reference, peft_multi_adapter, write_adapters
+from loraswap.testing.synthetic import merged_reference, peft_multi_adapter, write_adapters
 
 from conftest import holds_rows_past_live
 

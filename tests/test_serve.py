@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from loraswap.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_dora_adapter
+from loraswap.testing.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_dora_adapter
 from loraswap.serve.ray_local import start_local_ray, stop_ray
-from loraswap.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
+from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
 
 ADAPTERS = {
     f"task-{index}": dict(r=2 + 2 * index, lora_alpha=128, target_modules=targets)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from loraswap import Capacity, attach
-from loraswap.synthetic import peft_reference, tiny_llama, write_adapters
+from loraswap.testing.synthetic import peft_reference, tiny_llama, write_adapters
 
 ADAPTERS = {
     "attention-r4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},

@@ -23,7 +23,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import loraswap
-from loraswap.synthetic import llama_tp_plan, peft_reference, tiny_llama, write_adapters, write_peft_adapter
+from loraswap.testing.synthetic import llama_tp_plan, peft_reference, tiny_llama, write_adapters, write_peft_adapter
 from loraswap.tensor_parallel import TensorParallelSlots
 
 WORLD = 2

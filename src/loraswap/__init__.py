@@ -1,4 +1,9 @@
-"""Hot-swap LoRA adapters in a ``torch.compile``d model without ever recompiling."""
+"""Hot-swap LoRA adapters in a ``torch.compile``d model without ever recompiling.
+
+Importing loraswap imports torch, safetensors and numpy only, and changes nothing in the process (no environment
+variable, no global setting). ``loraswap.diffusers``, ``loraswap.peft`` and ``loraswap.serve`` need their extras
+and are imported on first use.
+"""
 
 from .adapter import Adapter, LayerLora, load_adapter
 from .attach import attach
@@ -20,14 +25,15 @@ from .errors import (
     SlotError,
     UnsupportedAdapterError,
 )
+from .folder import AdapterFolder
 from .fused import FusedSlots
 from .info import AdapterInfo, inspect
-from .serve import AdapterFolder, AdapterPool
+from .pool import AdapterPool, PoolSlots
 from .swap import AdapterSlots
 
 __version__ = "0.1.0"
 
-_INTEGRATIONS = ("diffusers", "peft")  # optional extras: imported on first use
+_INTEGRATIONS = ("diffusers", "peft", "serve")  # need optional extras: imported on first use
 
 
 def __getattr__(name: str):
@@ -36,6 +42,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'loraswap' has no attribute {name!r}")
+
 
 __all__ = [
     "Adapter",
@@ -56,6 +63,7 @@ __all__ = [
     "ModeError",
     "NonFiniteError",
     "PickleRefusedError",
+    "PoolSlots",
     "RecompileError",
     "ShapeMismatchError",
     "ShardingError",

@@ -1,7 +1,8 @@
 """Reading LoRA checkpoints into a normalised :class:`Adapter`.
 
 An adapter on disk is a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``),
-a lone PEFT-keyed ``.safetensors`` file, or a hub id that resolves to one of those. Whatever the
+a lone PEFT-keyed ``.safetensors`` file, or a hub id that resolves to one of those: which file is read is
+:func:`loraswap.formats.locate.locate`'s answer, the one ``inspect`` gets too. Whatever the
 source, the result maps each target layer's module name (as in the base model) to its ``lora_A``,
 ``lora_B``, scaling and optional bias, with ``rank_pattern``/``alpha_pattern`` and rsLoRA applied.
 
@@ -12,40 +13,30 @@ without being read whole. Pickled ``.bin`` files are only read when the caller p
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .errors import (
-    AdapterFormatError,
-    AdapterNotFoundError,
-    PickleRefusedError,
+from .errors import AdapterFormatError, PickleRefusedError
+from .formats.locate import PICKLE, locate
+from .formats.lora_keys import (
+    PEFT_PREFIX,
+    config_rank_mismatch,
+    dora_magnitudes_missing,
+    group_lora_keys,
+    layer_rank_and_alpha,
+    lora_scaling,
+    metadata_config,
+    ranks_disagree,
+    read_config,
+    split_lora_key,
 )
-from .support import BASE_LAYER_WEIGHT, check_config_fields, refuse_unsupported
-
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-# PEFT's key suffix -> (which tensor, is it an embedding layer)
-_KEY_SUFFIXES = {
-    ".lora_A.weight": "lora_A",
-    ".lora_B.weight": "lora_B",
-    ".lora_B.bias": "lora_bias",
-    ".lora_embedding_A": "lora_A",
-    ".lora_embedding_B": "lora_B",
-    ".lora_magnitude_vector": "magnitude",  # DoRA (PEFT's saved key drops the adapter name and ".weight")
-}
+from .formats.safetensors import ReadBuffer, open_safetensors, read_whole_safetensors
+from .formats.support import BASE_LAYER_WEIGHT, check_adapter_supported
 
 AdapterSource = Union[str, os.PathLike, "Adapter"]
 # (module, role, tensor or safetensors slice) -> the part to keep, or None to keep it whole (tensor parallel)
@@ -120,81 +111,6 @@ class Adapter:
         return f"Adapter({self.source!r}, layers={len(self.layers)}, max_rank={self.max_rank})"
 
 
-def get_pattern_key(pattern_keys, module_name: str) -> str | None:
-    """The first ``rank_pattern``/``alpha_pattern`` key that matches ``module_name``, as PEFT matches them.
-
-    A key matches when it equals the name or a dot-separated suffix of it, read as a regex.
-    """
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return None
-
-
-def layer_rank_and_alpha(config: Mapping[str, Any], module_name: str) -> tuple[int, float]:
-    """The rank and alpha that a PEFT config gives ``module_name`` (rank_pattern/alpha_pattern applied)."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r_key = get_pattern_key(rank_pattern, module_name)
-    alpha_key = get_pattern_key(alpha_pattern, module_name)
-    rank = rank_pattern[r_key] if r_key is not None else config.get("r", 8)
-    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
-    return int(rank), float(alpha)
-
-
-def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def check_adapter_supported(keys, config: Mapping[str, Any] | None, where: str) -> None:
-    """Raise before any tensor is read: :class:`AdapterFormatError` for a damaged config, then
-    :class:`UnsupportedAdapterError` for a feature the config or the key names show (DoRA, IA3, PiSSA, ...)."""
-    if config:
-        check_config_fields(config, where)
-    refuse_unsupported(keys, [config] if config else [], where)
-
-
-def split_lora_key(key: str) -> tuple[str, str]:
-    """``'base_model.model.x.q_proj.lora_A.weight'`` -> ``('x.q_proj', 'lora_A')``."""
-    name = key.removeprefix(PEFT_PREFIX)
-    for suffix, role in _KEY_SUFFIXES.items():
-        if name.endswith(suffix):
-            return name[: -len(suffix)], role
-    if name.endswith(".alpha"):
-        return name[: -len(".alpha")], "alpha"
-    if name.endswith(BASE_LAYER_WEIGHT):
-        return name[: -len(BASE_LAYER_WEIGHT)], "base_weight"
-    raise AdapterFormatError(
-        f"key {key!r} is not a PEFT LoRA key (expected '<module>.lora_A.weight', '<module>.lora_B.weight', "
-        "'<module>.lora_embedding_A', ...); kohya/A1111, xlabs and diffusers pipeline files load through "
-        "loraswap.diffusers.attach(pipe, [file]), other files need converting to PEFT format first"
-    )
-
-
-def check_pairs_complete(modules: Mapping[str, Mapping[str, str]], source: str) -> None:
-    """Raise :class:`AdapterFormatError` for a layer that has ``lora_A`` without ``lora_B`` or the reverse."""
-    for module, roles in modules.items():
-        missing = {"lora_A", "lora_B"} - roles.keys()
-        if missing:
-            raise AdapterFormatError(
-                f"{source}: layer {module!r} has no {' or '.join(sorted(missing))} tensor; "
-                "the file is incomplete or not a LoRA adapter"
-            )
-
-
-def group_lora_keys(keys, source: str) -> dict[str, dict[str, str]]:
-    """Module name -> {role: key}, checking every module has both A and B."""
-    modules: dict[str, dict[str, str]] = {}
-    for key in keys:
-        module, role = split_lora_key(key)
-        if role != "base_weight":
-            modules.setdefault(module, {})[role] = key
-    check_pairs_complete(modules, source)
-    if not modules:
-        raise AdapterFormatError(f"{source}: no LoRA tensors found; is this a LoRA adapter?")
-    return modules
-
-
 def adapter_from_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     config: Mapping[str, Any] | None = None,
@@ -214,10 +130,7 @@ def adapter_from_state_dict(
         lora_B = state_dict[roles["lora_B"]]
         rank = int(lora_A.shape[0]) if lora_A.dim() else 0
         if rank == 0 or lora_B.dim() < 2 or int(lora_B.shape[1]) * _b_groups(lora_A, lora_B) != rank:
-            raise AdapterFormatError(
-                f"{source}: layer {module!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, "
-                "whose ranks disagree; the file is corrupt"
-            )
+            raise ranks_disagree(source, module, lora_A.shape, lora_B.shape)
         layers[module] = LayerLora(
             lora_A=lora_A,
             lora_B=lora_B,
@@ -240,10 +153,7 @@ def check_dora_complete(layers: Mapping[str, LayerLora], config: Mapping[str, An
         return
     missing = [name for name, layer in layers.items() if layer.magnitude is None]
     if missing:
-        raise AdapterFormatError(
-            f"{source}: the config says use_dora=True but layer {missing[0]!r} has no lora_magnitude_vector "
-            f"({len(missing)} layer(s) lack one); the file is incomplete: re-save the DoRA adapter with PEFT"
-        )
+        raise dora_magnitudes_missing(source, missing)
 
 
 def _b_groups(lora_A: torch.Tensor, lora_B: torch.Tensor) -> int:
@@ -260,31 +170,8 @@ def _layer_scaling(config, state_dict, roles, module, rank, use_rslora, source) 
         return 1.0
     config_rank, alpha = layer_rank_and_alpha(config, module)
     if config_rank != rank:
-        raise AdapterFormatError(
-            f"{source}: layer {module!r} has rank {rank} in its tensors but {config_rank} in the config "
-            "(r / rank_pattern); the config does not belong to these weights"
-        )
+        raise config_rank_mismatch(source, module, rank, config_rank)
     return lora_scaling(alpha, rank, use_rslora)
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise AdapterFormatError(f"{path}: cannot read the adapter config ({err})") from err
-    except json.JSONDecodeError as err:
-        raise AdapterFormatError(f"{path}: invalid JSON at line {err.lineno} ({err.msg}); fix or re-save it") from err
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: the adapter config is not a JSON object")
-    return config
-
-
-def open_safetensors(path: Path):
-    """``safe_open`` whose header errors (truncated, corrupt) become :class:`AdapterFormatError`."""
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise AdapterFormatError(f"{path}: not a valid safetensors file ({err}); re-download or re-save it") from err
 
 
 def read_safetensors(
@@ -295,87 +182,16 @@ def read_safetensors(
     tensors, metadata = read_whole_safetensors(path, scratch) if shard is None else (None, {})
     if tensors is not None:
         if config is None:
-            config = _config_from_metadata(metadata, path)
+            config = metadata_config(metadata, path)
         return adapter_from_state_dict(tensors, config, source=str(path))  # checks the keys before any tensor
     with open_safetensors(path) as handle:
         keys = list(handle.keys())
         if config is None:
-            config = _config_from_metadata(handle.metadata() or {}, path)
+            config = metadata_config(handle.metadata() or {}, path)
         check_adapter_supported(keys, config, str(path))  # refuse unsupported, foreign or incomplete files
         group_lora_keys(keys, str(path))  # before reading tensors
         state_dict = {key: _read_part(key, handle.get_slice, shard, handle.get_tensor) for key in keys}
     return adapter_from_state_dict(state_dict, config, source=str(path))
-
-
-class ReadBuffer:
-    """One host buffer that whole-file reads reuse: an adapter read into it holds views of it, valid until the next
-    read into it (the caller serialises reads and drops the adapter before the next one).
-
-    A fresh buffer per read costs a page fault per 4 KiB page whenever the allocator maps new memory for it:
-    measured here, reading a 16 MiB adapter while the previous one is still alive takes 3.3 ms into a fresh
-    buffer, 2.3 ms into this one.
-    """
-
-    def __init__(self) -> None:
-        self._data = torch.empty(0, dtype=torch.uint8)
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """``nbytes`` of the buffer (grown, never shrunk)."""
-        if self._data.numel() < nbytes:
-            self._data = torch.empty(nbytes, dtype=torch.uint8)
-        return self._data[:nbytes]
-
-
-def read_whole_safetensors(
-    path: Path, scratch: ReadBuffer | None = None
-) -> tuple[dict[str, torch.Tensor] | None, Mapping[str, str]]:
-    """Every tensor of a safetensors file as a view of one buffer filled by one ``readinto``, and the metadata.
-
-    A slot pack then copies each tensor once more, straight into its padded place. Measured here for
-    a 16 MiB adapter of 112 tensors: one ``readinto`` 2.5-6 ms; ``safe_open(...).get_tensor`` per
-    tensor or copying out of a memory map (a page fault per 4 KiB page) about 10 ms. Returns
-    ``(None, metadata)`` when a dtype has no torch equivalent or an offset is not aligned to its
-    element size: the caller then reads with ``safe_open``.
-    """
-    from .info import read_safetensors_header  # info reads headers with this module's helpers
-
-    header = read_safetensors_header(path)
-    nbytes = header.file_bytes - header.data_start
-    data = scratch.take(nbytes) if scratch is not None else torch.empty(nbytes, dtype=torch.uint8)
-    views = _tensor_views(data, header.tensors)
-    if views is None:
-        return None, header.metadata
-    try:
-        with open(path, "rb", buffering=0) as handle:
-            handle.seek(header.data_start)
-            read = handle.readinto(memoryview(data.numpy()))
-    except OSError as err:
-        raise AdapterFormatError(f"{path}: cannot be read ({err})") from err
-    if read != data.numel():
-        raise AdapterFormatError(f"{path}: {read} of {data.numel()} tensor bytes could be read; the file is truncated")
-    return views, header.metadata
-
-
-def _tensor_views(data: torch.Tensor, tensors: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-    """Each header entry as a view of ``data`` (the file's tensor bytes, which the entries tile: the header check
-    ensures it); None when a dtype has no torch equivalent or an offset is not aligned to its element size.
-
-    One dtype (the usual file) takes one ``split`` and one ``view`` per tensor instead of a slice and two views."""
-    from .info import torch_dtype  # info reads headers with this module's helpers
-
-    dtypes = {entry.dtype for entry in tensors.values()}
-    dtype = torch_dtype(next(iter(dtypes))) if len(dtypes) == 1 else None
-    if dtype is not None and data.numel() % dtype.itemsize == 0:
-        ordered = sorted(tensors.items(), key=lambda item: item[1].begin)
-        parts = data.view(dtype).split_with_sizes([entry.numel for _, entry in ordered])
-        return {key: part.view(entry.shape) for (key, entry), part in zip(ordered, parts)}
-    views = {}
-    for key, entry in tensors.items():
-        dtype = torch_dtype(entry.dtype)
-        if dtype is None or entry.begin % dtype.itemsize:
-            return None
-        views[key] = data[entry.begin : entry.end].view(dtype).view(entry.shape)
-    return views
 
 
 def _read_part(key: str, sliceable: Callable[[str], Any], shard: ShardFn | None, whole: Callable[[str], torch.Tensor]):
@@ -386,20 +202,6 @@ def _read_part(key: str, sliceable: Callable[[str], Any], shard: ShardFn | None,
         if part is not None:
             return part
     return whole(key)
-
-
-def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
-    """diffusers writes the LoraConfig into the safetensors header as ``lora_adapter_metadata``."""
-    raw = metadata.get("lora_adapter_metadata")
-    if raw is None:
-        return None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise AdapterFormatError(f"{path}: invalid lora_adapter_metadata in the header ({err.msg})") from err
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: lora_adapter_metadata in the header is not a JSON object")
-    return config
 
 
 def read_pickle(
@@ -420,42 +222,6 @@ def read_pickle(
     return adapter_from_state_dict(state_dict, config, source=str(path))
 
 
-def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local path, or the local snapshot of a hub id (offline from the cache when the hub is unreachable)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    text = os.fspath(source)
-    if HUB_ID.match(text):
-        return download_from_hub(text, revision=revision)
-    raise AdapterNotFoundError(
-        f"{text}: no such file or directory; pass a PEFT adapter directory, a .safetensors file or a hub id"
-    )
-
-
-def download_from_hub(
-    repo_id: str,
-    *,
-    filename: str | None = None,
-    allow_patterns: Sequence[str] = (CONFIG_NAME, "*.safetensors", PICKLE_NAME),
-    **hub_kwargs: Any,
-) -> Path:
-    """The local copy of ``filename`` in ``repo_id`` (``hf_hub_download``), else of the repo's files matching
-    ``allow_patterns`` (``snapshot_download``); ``hub_kwargs`` (revision, subfolder, token, ...) go to huggingface_hub.
-    Offline (``HF_HUB_OFFLINE=1``) it reads the local HF cache only."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        if filename:
-            return Path(hf_hub_download(repo_id, filename, **hub_kwargs))
-        return Path(snapshot_download(repo_id, allow_patterns=list(allow_patterns), **hub_kwargs))
-    except Exception as err:  # huggingface_hub raises a family of HTTP, offline and cache errors
-        raise AdapterNotFoundError(
-            f"{repo_id}: not a local path and not resolvable as a hub id ({type(err).__name__}: {err}); "
-            "download it first, or check the name and HF_HUB_OFFLINE / HF_HOME"
-        ) from err
-
-
 def load_adapter(
     source: AdapterSource,
     *,
@@ -471,16 +237,8 @@ def load_adapter(
     """
     if isinstance(source, Adapter):
         return source
-    path = resolve_source(source, revision)
-    if path.is_dir():
-        config = read_config(path / CONFIG_NAME) if (path / CONFIG_NAME).exists() else None
-        if (path / SAFETENSORS_NAME).exists():
-            return read_safetensors(path / SAFETENSORS_NAME, config, shard, scratch)
-        if (path / PICKLE_NAME).exists():
-            return read_pickle(path / PICKLE_NAME, config, allow_pickle, shard)
-        raise AdapterNotFoundError(f"{path}: holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path, None, shard, scratch)
-    if path.suffix in {".bin", ".pt", ".pth"}:
-        return read_pickle(path, None, allow_pickle, shard)
-    raise AdapterFormatError(f"{path}: unknown adapter file type {path.suffix!r}; expected .safetensors or a directory")
+    located = locate(source, revision)
+    config = read_config(located.config) if located.config is not None else None
+    if located.kind == PICKLE:
+        return read_pickle(located.weights, config, allow_pickle, shard)
+    return read_safetensors(located.weights, config, shard, scratch)

@@ -16,7 +16,6 @@ from .layers import SlotLayer, slot_layer_class
 from .layout import SlotLayout
 from .routing import Router
 from .swap import AdapterSlots
-from .tensor_parallel import ShardPlan, TensorParallelSlots, refuse_sharded
 
 
 def find_targets(model: nn.Module, capacity: Capacity) -> list[tuple[str, nn.Module, type[SlotLayer]]]:
@@ -38,6 +37,16 @@ def find_targets(model: nn.Module, capacity: Capacity) -> list[tuple[str, nn.Mod
             "give layer names as PEFT does (name suffixes such as 'q_proj', or one regex)"
         )
     return targets
+
+
+def _tensor_parallel():
+    """:mod:`loraswap.tensor_parallel`, or None when DTensor was never imported: then no parameter can be a DTensor,
+    and ``import loraswap`` need not import ``torch.distributed.tensor`` (seconds on a busy machine)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return None
+    from . import tensor_parallel
+
+    return tensor_parallel
 
 
 def _is_compiled_wrapper(model: nn.Module) -> bool:
@@ -82,11 +91,14 @@ def attach(
     if is_fused(model) or any(isinstance(module, SlotLayer) for module in model.modules()):
         raise HotswapError("the model already has loraswap slots; attach once per model")
     cache = AdapterCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
+    tensor_parallel = _tensor_parallel()
     if mode == "fused":
-        refuse_sharded(model, "mode='fused'")
+        if tensor_parallel is not None:
+            tensor_parallel.refuse_sharded(model, "mode='fused'")
         return attach_fused(model, capacity, cache)
     targets = find_targets(model, capacity)
-    shards = ShardPlan.detect(targets)  # empty unless target weights are DTensors (tensor parallel)
+    # empty unless target weights are DTensors (tensor parallel)
+    shards = tensor_parallel.ShardPlan.detect(targets) if tensor_parallel is not None else None
     capacity.check_layer_ranks(name for name, _, _ in targets)
     if shards and capacity.dora:
         raise CapacityError(
@@ -98,9 +110,8 @@ def attach(
         raise CapacityError(
             f"the target layers span devices {sorted(map(str, devices))}; attach supports one device per model"
         )
-    layout = SlotLayout.plan(
-        ((name, module, shards.spec(name, cls.spec(module))) for name, module, cls in targets), capacity
-    )
+    specs = {name: shards.spec(name, cls.spec(module)) if shards else cls.spec(module) for name, module, cls in targets}
+    layout = SlotLayout.plan(((name, module, specs[name]) for name, module, _ in targets), capacity)
     storage = layout.allocate(capacity.slots)
     router = Router(capacity.slots, capacity.max_batch, devices.pop(), capacity.max_blend)
     note_replaced_layer_types(type(module) for _, module, _ in targets)
@@ -108,10 +119,14 @@ def attach(
         place = layout.placements[name]
         group = place.group
         buffers = layout.views(storage.weights[group], storage.scales[group], storage.live[group], name)
+        if shards:
+            layer_class = shards.layer_class(name, layer_class)
         dora = layout.dora_view(storage.weights[group], name)
         extra = {} if dora is None else {"lora_dora": dora}  # tensor-parallel layers never take one (refused above)
-        slot_layer = shards.layer_class(name, layer_class)(module, *buffers, router, **extra)
+        slot_layer = layer_class(module, *buffers, router, **extra)
         model.set_submodule(name, slot_layer)
     if shards:
-        return TensorParallelSlots(model, capacity, layout, storage, router, cache, shards=shards, check_rows=check_rows)
+        return tensor_parallel.TensorParallelSlots(
+            model, capacity, layout, storage, router, cache, shards=shards, check_rows=check_rows
+        )
     return AdapterSlots(model, capacity, layout, storage, router, cache, check_rows=check_rows)

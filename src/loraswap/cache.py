@@ -16,14 +16,14 @@ system's timestamp granularity of the previous write is not noticed. An in-memor
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Protocol, TypeVar
 
-from .adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, Adapter, AdapterSource, resolve_source
+from .adapter import Adapter, AdapterSource
+from .formats.locate import CONFIG_NAME, SAFETENSORS_NAME, locate
 from .errors import CapacityError
 
 FileStamp = tuple[int, int, int, int, int]
@@ -42,7 +42,8 @@ def _stamp(status: os.stat_result) -> FileStamp:
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
-def _stamp_of(path: str) -> FileStamp | None:
+def file_stamp(path: str | os.PathLike) -> FileStamp | None:
+    """One file's ``stat`` stamp (symlinks followed), None when it does not exist."""
     try:
         return _stamp(os.stat(path))
     except (FileNotFoundError, NotADirectoryError):
@@ -52,23 +53,21 @@ def _stamp_of(path: str) -> FileStamp | None:
 def cache_key(source: AdapterSource, revision: str | None = None) -> Hashable:
     """A key that changes whenever the adapter's bytes on disk may have changed: two or three ``stat`` calls.
 
-    A warm swap computes it every time, so the common case, a PEFT folder with safetensors weights, is tried
-    first: the stamps of the two files that :func:`~loraswap.adapter.load_adapter` reads there.
+    The files stamped are the ones :func:`~loraswap.formats.locate.locate` picks, which are the ones a load
+    reads. A warm swap computes the key every time, so the common case, a PEFT folder with safetensors weights,
+    is tried first: the stamps of ``adapter_config.json`` and ``adapter_model.safetensors``.
     """
     if isinstance(source, Adapter):
         return ("adapter", id(source))
     path = os.path.expanduser(os.fspath(source))
-    weights = _stamp_of(os.path.join(path, SAFETENSORS_NAME))
+    weights = file_stamp(os.path.join(path, SAFETENSORS_NAME))
     if weights is not None:
-        return ("dir", _stamp_of(os.path.join(path, CONFIG_NAME)), weights)
-    try:
-        status = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        path = str(resolve_source(source, revision))  # a hub id, or AdapterNotFoundError
-        status = os.stat(path)
-    if stat.S_ISDIR(status.st_mode):
-        return ("dir", *(_stamp_of(os.path.join(path, name)) for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)))
-    return ("file", _stamp(status))
+        return ("dir", file_stamp(os.path.join(path, CONFIG_NAME)), weights)
+    located = locate(source, revision)  # a hub id resolved, or AdapterNotFoundError / AdapterFormatError
+    if located.directory:
+        config = None if located.config is None else file_stamp(str(located.config))
+        return ("dir", config, str(located.weights), _stamp(os.stat(located.weights)))
+    return ("file", _stamp(os.stat(located.weights)))
 
 
 class CacheEntry(Protocol):

@@ -9,8 +9,9 @@ from typing import Union
 
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, get_pattern_key, load_adapter
+from .adapter import Adapter, AdapterSource, load_adapter
 from .errors import CapacityError, PickleRefusedError
+from .formats.lora_keys import get_pattern_key
 from .info import AdapterInfo, inspect
 
 TargetModules = Union[str, Sequence[str]]

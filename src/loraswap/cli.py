@@ -103,7 +103,8 @@ def inspect_command(
 
     Over several adapters, one that cannot be read gets a row saying why, and the exit code is 1.
     """
-    from .info import adapter_paths, inspect, print_infos
+    from .formats.locate import adapter_paths
+    from .info import inspect, print_infos
 
     sources = adapter_paths(paths)
     if len(sources) == 1:
@@ -156,7 +157,8 @@ def plan_command(
     """
     from torch import nn
 
-    from .info import adapter_paths, inspect
+    from .formats.locate import adapter_paths
+    from .info import inspect
     from .plan import DTYPES, build_meta_model, plan, plan_pipeline, print_plan
 
     if dtype != "auto" and dtype not in DTYPES:

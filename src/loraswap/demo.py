@@ -16,7 +16,7 @@ from .attach import attach
 from .bench.report import format_seconds, print_table
 from .capacity import Capacity
 from .compile_guard import CompileCounter, no_recompile
-from .synthetic import peft_reference, tiny_llama, write_adapters
+from .testing.synthetic import peft_reference, tiny_llama, write_adapters
 
 DEMO_ADAPTERS = {
     "attention-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -261,6 +261,18 @@ class FusedSlots:
             if t is not None
         )
 
+    # What an AdapterPool reads (loraswap.pool.PoolSlots): one merged adapter for every row
+    @property
+    def slot_count(self) -> int:
+        return self.capacity.slots
+
+    @property
+    def max_blend(self) -> int | None:
+        return self.capacity.max_blend
+
+    max_rows = None
+    fused = True
+
     @property
     def loaded(self) -> dict[int, str]:
         """Slot -> source of the adapter staged there (the active one is merged into the weights)."""

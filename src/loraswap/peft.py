@@ -49,9 +49,10 @@ from peft.utils import infer_device, load_peft_weights
 from peft.utils.peft_types import PeftType
 from torch import nn
 
-from .adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, layer_rank_and_alpha, lora_scaling
 from .cache import AdapterCache, cache_key, default_cache_bytes
 from .capacity import target_matches
+from .formats.locate import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from .formats.lora_keys import layer_rank_and_alpha, lora_scaling
 
 __all__ = [
     "check_hotswap_configs_compatible",

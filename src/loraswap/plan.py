@@ -21,12 +21,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from .adapter import HUB_ID, Adapter
+from .adapter import Adapter
+from .formats.locate import HUB_ID
 from .attach import find_targets
 from .cache import default_cache_bytes
 from .capacity import DEFAULT_MAX_BATCH, Capacity
 from .errors import AdapterFormatError, AdapterNotFoundError, CapacityError, HotswapError
-from .info import AdapterInfo, LayerInfo
+from .info import AdapterInfo, LayerInfo, format_bytes
 from .layers import SlotSpec, slot_layer_class
 from .layout import SlotLayout
 
@@ -420,14 +421,6 @@ def _shape_problem(layer: LayerInfo, spec: SlotSpec) -> str | None:
         if math.prod(layer.magnitude_shape) != spec.out:
             return f"DoRA magnitude {list(layer.magnitude_shape)} does not fit the layer (needs [{spec.out}])"
     return None
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
 
 
 def waste_percent(fit: AdapterFit) -> str:

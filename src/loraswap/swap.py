@@ -23,11 +23,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSource, ReadBuffer, load_adapter
+from .adapter import Adapter, AdapterSource, load_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .dora import resolve_dora
 from .errors import DoraStrengthError, LayoutChangedError, SlotError
+from .formats.safetensors import ReadBuffer
 from .layers import SlotConv1D, SlotEmbedding, SlotLayer
 from .layout import LiveRows, PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights, Router
@@ -88,8 +89,8 @@ class AdapterSlots:
         self._dora_slots: set[int] = set()  # slots holding a DoRA adapter (served at weight 0 or 1 only)
         self._prefetcher: ThreadPoolExecutor | None = None
         self._routed: tuple[int, str] | None = None  # (count, "row"/"token") the last route/blend list gave
-        if check_rows:
-            model.register_forward_pre_hook(self._check_forward_rows, with_kwargs=True)
+        if check_rows:  # runs eagerly, outside the graph (disabled here, not at class definition: that imports dynamo)
+            model.register_forward_pre_hook(torch.compiler.disable(self._check_forward_rows), with_kwargs=True)
         # a move or cast after attach replaces the buffers in this dict (read directly: every load checks it)
         self._sentinel_buffers = self._first_layer()._buffers
         self._sentinel_ptr = self._sentinel_buffers["lora_A"].data_ptr()
@@ -107,6 +108,21 @@ class AdapterSlots:
 
     def _first_layer(self) -> SlotLayer:
         return next(m for m in self.model.modules() if isinstance(m, SlotLayer))
+
+    # What an AdapterPool reads (loraswap.pool.PoolSlots)
+    @property
+    def slot_count(self) -> int:
+        return self.capacity.slots
+
+    @property
+    def max_rows(self) -> int | None:
+        return self.router.max_batch
+
+    @property
+    def max_blend(self) -> int | None:
+        return self.capacity.max_blend
+
+    fused = False
 
     @property
     def loaded(self) -> dict[int, str]:
@@ -313,7 +329,6 @@ class AdapterSlots:
         self._partial_slots = partial
         self._routed = routed
 
-    @torch.compiler.disable
     def _check_forward_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """``check_rows``: refuse a forward whose batch has another row (or token) count than the routing was given.
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attach import attach
 from ..capacity import Capacity
-from ..synthetic import peft_reference, write_adapters, write_dora_adapter
+from ..testing.synthetic import peft_reference, write_adapters, write_dora_adapter
 from .timing import alternating_samples
 
 ROUTED_SLOTS = 4

@@ -41,7 +41,7 @@ from torch import nn
 from ..attach import attach
 from ..capacity import Capacity
 from ..compile_guard import CompileCounter
-from ..synthetic import LLAMA_PROJECTIONS, peft_reference, tiny_llama, write_adapters
+from ..testing.synthetic import LLAMA_PROJECTIONS, peft_reference, tiny_llama, write_adapters
 from .dora import dora_rows, dora_targets
 from .report import format_seconds, plot_bars, print_table
 from .timing import alternating_samples, paired_difference

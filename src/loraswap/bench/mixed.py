@@ -31,7 +31,7 @@ from rich.console import Console
 from ..attach import attach
 from ..capacity import Capacity
 from ..compile_guard import CompileCounter
-from ..synthetic import peft_multi_adapter, tiny_llama, write_adapters
+from ..testing.synthetic import peft_multi_adapter, tiny_llama, write_adapters
 from .report import format_seconds, plot_bars, print_table
 from .timing import alternating_medians
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..compile_guard import CompileCounter
-from ..synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora, write_kohya_lora
+from ..testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora, write_kohya_lora
 from .report import format_seconds, plot_bars, print_table
 
 EAGER = "eager diffusers"

@@ -1,7 +1,7 @@
 """``loraswap bench pool``: serving a catalogue of adapters through a few slots, against PEFT.
 
 The swap benchmark's Llama (hidden 512, 8 layers) and a catalogue of PEFT adapters (ranks 4-64,
-five target sets: :func:`~loraswap.synthetic.write_catalogue`). Traffic is Zipf-distributed over the
+five target sets: :func:`~loraswap.testing.synthetic.write_catalogue`). Traffic is Zipf-distributed over the
 catalogue (exponent about 1.1: a few adapters are hot, most are rare), in batches of rows x tokens.
 Two traffic shapes, each served two ways in one run:
 
@@ -37,8 +37,8 @@ from ..attach import attach, find_targets
 from ..capacity import Capacity
 from ..compile_guard import CompileCounter
 from ..layout import SlotLayout
-from ..serve import AdapterPool
-from ..synthetic import tiny_llama, write_catalogue
+from ..pool import AdapterPool
+from ..testing.synthetic import tiny_llama, write_catalogue
 from .report import format_seconds, print_table
 
 POOL_MIXED = "loraswap pool, compiled: mixed batches"

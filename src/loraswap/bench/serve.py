@@ -27,7 +27,7 @@ def zipf_models(names: list[str], count: int, exponent: float, seed: int) -> lis
 def write_bench_models(root: Path, adapters: int, hidden: int, layers: int) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM
 
-    from ..synthetic import tiny_llama_folder, write_adapters
+    from ..testing.synthetic import tiny_llama_folder, write_adapters
 
     folder = tiny_llama_folder(root / "bench-llama", hidden=hidden, layers=layers)
     base = AutoModelForCausalLM.from_pretrained(folder).eval()

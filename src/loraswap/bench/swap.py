@@ -51,7 +51,7 @@ from rich.console import Console
 
 from ..attach import attach
 from ..capacity import Capacity
-from ..synthetic import LLAMA_PROJECTIONS, tiny_llama, write_adapters
+from ..testing.synthetic import LLAMA_PROJECTIONS, tiny_llama, write_adapters
 from .report import format_seconds, plot_bars, print_table
 from .timing import alternating_samples
 

@@ -7,29 +7,20 @@ module's ``lora_down`` tensor (the converters move tensors, never copy them, as 
 rows sliced where a converter split a fused ``lora_up`` (Flux ``qkv``: an output-axis norm is per row, so a row
 split stays exact). A layer whose tensors a converter rebuilt cannot be traced and is refused by name.
 
-Two conventions exist, told apart by the stored layout:
-
-- output axis, shape ``(out, 1[, 1, 1])`` (PEFT's math; LyCORIS' default since 3.2): served, as PEFT's
-  ``lora_magnitude_vector``;
-- input axis, shape ``(1, in[, 1, 1])`` (LyCORIS 2.2-3.1 ``dora_wd``, OneTrainer's default): the layer's input is
-  rescaled per column, which a slot does not apply: refused by name.
-
-A squeezed 1-D scale on a square weight says neither, unless the header's metadata names the axis (LyCORIS
-``wd_on_output``): refused by name otherwise.
+Which axis a scale indexes is decided from the stored shapes by :mod:`loraswap.formats.dora_scale` (the check
+``inspect`` runs too): only the output axis is served.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import AdapterFormatError, UnsupportedAdapterError
-
-SUFFIX = ".dora_scale"
+from ..errors import UnsupportedAdapterError
+from ..formats.dora_scale import SUFFIX, check_dora_scales
 
 
 def take_dora_scales(source: Any, label: str) -> tuple[Any, dict[int, tuple[str, torch.Tensor, torch.Tensor]]]:
@@ -40,15 +31,11 @@ def take_dora_scales(source: Any, label: str) -> tuple[Any, dict[int, tuple[str,
     tensors, metadata = _tensors(source)
     if tensors is None or not any(key.endswith(SUFFIX) for key in tensors):
         return source, {}
-    on_output = _wd_on_output(metadata)
+    outputs = check_dora_scales(label, {key: tuple(value.shape) for key, value in tensors.items()}, metadata)
     scales = {}
-    for key in [key for key in tensors if key.endswith(SUFFIX)]:
-        module = key[: -len(SUFFIX)]
-        down, up = tensors.get(f"{module}.lora_down.weight"), tensors.get(f"{module}.lora_up.weight")
-        if down is None or up is None:
-            raise AdapterFormatError(f"{label}: {key} has no lora_down/lora_up pair beside it; the file is incomplete")
-        out, fan_in = int(up.shape[0]), int(down.shape[1])  # fan_in: input features / channels
-        scales[id(down)] = (module, up, _magnitude(label, key, tensors[key], out, fan_in, on_output))
+    for module, out in outputs.items():
+        down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
+        scales[id(down)] = (module, up, tensors[module + SUFFIX].reshape(out))
     return {key: value for key, value in tensors.items() if not key.endswith(SUFFIX)}, scales
 
 
@@ -104,57 +91,6 @@ def _rows_of(lora_B: torch.Tensor | None, up: torch.Tensor) -> slice | None:
         return None
     start, extra = divmod(lora_B.storage_offset() - up.storage_offset(), up.stride(0))
     return None if extra or start < 0 else slice(start, start + lora_B.shape[0])
-
-
-def _magnitude(label: str, key: str, scale: torch.Tensor, out: int, fan_in: int, on_output: bool | None) -> torch.Tensor:
-    """The output-axis magnitude ``[out]``, or a named refusal for the input axis or an ambiguous 1-D scale."""
-    shape = tuple(scale.shape)
-    if len(shape) == 1:
-        axis = {(True, False): "output", (False, True): "input"}.get((shape[0] == out, shape[0] == fan_in))
-        if axis is None and shape[0] == out == fan_in:
-            axis = {True: "output", False: "input"}.get(on_output)
-            if axis is None:
-                raise UnsupportedAdapterError(
-                    f"{label}: DoRA in kohya/LyCORIS form, a squeezed 1-D dora_scale on a square weight (key {key!r}, "
-                    f"shape {list(shape)}) cannot be hot-swapped: it may index the output or the input axis and the "
-                    "header does not say (LyCORIS metadata wd_on_output); re-save it with its 2-D shape, or add that "
-                    "metadata"
-                )
-    elif len(shape) >= 2 and shape[0] == out and all(size == 1 for size in shape[1:]):
-        axis = "output"
-    elif len(shape) >= 2 and shape[0] == 1 and shape[1] == fan_in:
-        axis = "input"
-    else:
-        axis = None
-    if axis == "input":
-        raise UnsupportedAdapterError(
-            f"{label}: DoRA in kohya/LyCORIS form on the input axis (key {key!r}, shape {list(shape)}) cannot be "
-            "hot-swapped: it rescales the layer's input per column (LyCORIS 2.2-3.1 dora_wd, OneTrainer's default), "
-            "which loraswap does not serve yet; re-train or convert it with the output-axis convention (LyCORIS "
-            "wd_on_output=True, dora_scale of shape (out, 1))"
-        )
-    if axis is None:
-        raise AdapterFormatError(
-            f"{label}: {key} has shape {list(shape)}, which fits neither the output axis ({out}) nor the input axis "
-            f"({fan_in}) of its layer; the file is corrupt"
-        )
-    return scale.reshape(out)
-
-
-def _wd_on_output(metadata: Mapping[str, str]) -> bool | None:
-    """LyCORIS' ``wd_on_output`` from the header (``ss_network_args`` JSON or a top-level entry), if any."""
-    for raw in (metadata.get("wd_on_output"), _network_args(metadata).get("wd_on_output")):
-        if raw is not None:
-            return str(raw).lower() in ("true", "1")
-    return None
-
-
-def _network_args(metadata: Mapping[str, str]) -> dict:
-    try:
-        args = json.loads(metadata.get("ss_network_args", "{}"))
-    except json.JSONDecodeError:
-        return {}
-    return args if isinstance(args, dict) else {}
 
 
 def _tensors(source: Any) -> tuple[dict[str, torch.Tensor] | None, Mapping[str, str]]:

@@ -81,6 +81,18 @@ class PipelineSlots:
         self.muted: frozenset[str] = frozenset()  # components routed to nothing: the drop-in's fuse_lora merged them
         route_calls(pipe, self._call)
 
+    # What an AdapterPool reads (loraswap.pool.PoolSlots): rows are prompts, routed per call
+    @property
+    def slot_count(self) -> int:
+        return self.slots
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.components) and all(isinstance(c, FusedSlots) for c in self.components.values())
+
+    max_rows = None
+    max_blend = None
+
     @property
     def loaded(self) -> dict[int, str]:
         """Slot -> source of the adapter loaded there."""
@@ -122,11 +134,16 @@ class PipelineSlots:
         Returns what was written (``components[name]`` is None where the LoRA leaves a component alone)."""
         self._check_slot(slot)
         packed = self.packed(source, allow_pickle=allow_pickle, **hub_kwargs)
+        self.load_packed(packed, slot)
+        return packed
+
+    def load_packed(self, packed: PackedPipelineAdapter, slot: int = 0) -> None:
+        """Write what :meth:`packed` returned into ``slot`` of every component."""
+        self._check_slot(slot)
         self._check_layouts()
         with self._all_locks():
             self._write(packed, slot)
             self._loaded[slot] = packed.source
-        return packed
 
     def _write(self, packed: PackedPipelineAdapter, slot: int) -> None:
         """Every component's part into ``slot``; slot-mode copies cannot fail once packed."""

@@ -28,18 +28,13 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..adapter import (
-    CONFIG_NAME,
-    HUB_ID,
-    Adapter,
-    adapter_from_state_dict,
-    download_from_hub,
-    load_adapter,
-)
-from ..cache import cache_key
+from ..adapter import Adapter, adapter_from_state_dict, load_adapter
+from ..cache import cache_key, file_stamp
 from ..errors import AdapterFormatError, AdapterNotFoundError, CapacityError, HotswapError
-from ..info import component_configs, read_safetensors_header, weights_file
-from ..support import refuse_unsupported
+from ..formats.locate import HUB_ID, SAFETENSORS, download_from_hub, is_peft_dir, locate_path
+from ..formats.lora_keys import component_configs
+from ..formats.safetensors import read_safetensors_header
+from ..formats.support import refuse_unsupported
 from .dora_scale import check_all_traced, take_dora_scales, with_magnitudes
 
 PipelineSource = Union[str, os.PathLike, Mapping[str, torch.Tensor], Adapter, "PipelineAdapter"]
@@ -96,7 +91,7 @@ def read_pipeline_adapter(
         return source
     into_transformer_2 = bool(hub_kwargs.pop("load_into_transformer_2", False))
     components = lora_components(pipe)
-    if isinstance(source, Adapter) or _is_peft_directory(source):
+    if isinstance(source, Adapter) or is_peft_dir(source):
         adapter = load_adapter(source, allow_pickle=allow_pickle)
         return PipelineAdapter({_component_for(adapter, components): adapter}, adapter.source)
     label = _label(source)
@@ -256,9 +251,12 @@ def _refuse_unsupported(source, hub_kwargs: Mapping[str, Any], label: str) -> No
     if hub_kwargs.get("weight_name") and folder.is_dir():
         folder = folder / hub_kwargs["weight_name"]
     try:
-        weights, _ = weights_file(folder)
+        located = locate_path(folder)
     except HotswapError:
-        return  # no single safetensors file (a pickle, several files): diffusers decides and reports
+        return  # no single weights file (several files, an unknown suffix): diffusers decides and reports
+    if located.kind != SAFETENSORS:
+        return  # a pickle: diffusers reads it only with allow_pickle, and reports
+    weights = located.weights
     header = read_safetensors_header(weights)
     refuse_unsupported(header.tensors, component_configs(None, header.metadata, weights).values(), label)
 
@@ -315,10 +313,6 @@ def _check_prefixes(state_dict, components: Mapping[str, nn.Module], label: str)
             )
 
 
-def _is_peft_directory(source) -> bool:
-    return isinstance(source, (str, os.PathLike)) and (Path(source).expanduser() / CONFIG_NAME).is_file()
-
-
 def _component_for(adapter: Adapter, components: Mapping[str, nn.Module]) -> str:
     for name, module in components.items():
         names = {module_name for module_name, _ in module.named_modules()}
@@ -348,10 +342,12 @@ def source_cache_key(
     source, hub_kwargs = resolve_hub_id(source, hub_kwargs, allow_pickle)
     path = Path(source).expanduser()
     options = tuple(sorted((k, repr(v)) for k, v in hub_kwargs.items()))
+    if path.is_file():  # any file diffusers reads (not only the ones load_adapter takes)
+        return (("file", file_stamp(path)), options)
     if not path.is_dir():
-        return (cache_key(path), options)
+        return (cache_key(path), options)  # AdapterNotFoundError
     folder = path / hub_kwargs["subfolder"] if hub_kwargs.get("subfolder") else path
     weight_files = sorted(f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin", ".json"))
-    return ("dir", str(folder), tuple((f.name, cache_key(f)) for f in weight_files), options)
+    return ("dir", str(folder), tuple((f.name, file_stamp(f)) for f in weight_files), options)
 
 

@@ -7,7 +7,7 @@ their adapters, and the engine answers them with one routed forward per step (:m
 
 Eviction from Ray's multiplexing cache is safe under concurrent requests because it frees nothing:
 the cached "model" is the adapter's name, validated and packed into the host cache. Which adapters
-sit in the slots is the :class:`~loraswap.serve.pool.AdapterPool`'s business, and it keeps every
+sit in the slots is the :class:`~loraswap.AdapterPool`'s business, and it keeps every
 adapter a running batch uses resident until that batch's forward is done.
 """
 
@@ -18,16 +18,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-import torch
-from ray import serve
 
 from ..errors import HotswapError, ModeError
 from .batcher import Batcher
 from .model import TEXT_ENGINES, CompletionRow, model_kind, resolve_model_folder, served_adapters
 from .openai import CompletionRequest, ImageRequest, completion_response, error_body, images_response, model_list
+from .ray_local import configure_ray_env
+
+configure_ray_env()  # Ray reads its environment at import: this module is the one that imports it
+from ray import serve  # noqa: E402
 
 api = FastAPI(title="loraswap")
 

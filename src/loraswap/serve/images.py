@@ -16,10 +16,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .openai import ImageRequest
 from ..errors import HotswapError
-from .model import pool_batches
-from .pool import AdapterPool
+from ..pool import AdapterPool, pool_batches
+from .openai import ImageRequest
 
 
 class UnservedSizeError(HotswapError, ValueError):

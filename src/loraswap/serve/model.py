@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ..errors import AdapterNotFoundError, HotswapError
-from .folder import AdapterFolder
-from .pool import AdapterPool
+from ..folder import AdapterFolder
+from ..pool import AdapterPool, pool_batches
 
 
 class ModelFolderError(HotswapError, ValueError):
@@ -80,21 +80,6 @@ class CompletionRow:
     max_tokens: int
     temperature: float = 0.0
     seed: int | None = None
-
-
-def pool_batches(indices: Sequence[int], adapters: Sequence[str | None], max_rows: int, slots: int) -> list[list[int]]:
-    """Consecutive runs of ``indices`` with at most ``max_rows`` rows and at most ``slots`` distinct adapters
-    (``adapters[i]`` is row ``i``'s; None, the base model, takes no slot): what one pool route can hold."""
-    batches: list[list[int]] = []
-    distinct: set[str] = set()
-    for index in indices:
-        grown = distinct | ({adapters[index]} - {None})
-        if not batches or len(batches[-1]) == max_rows or len(grown) > slots:
-            batches.append([])
-            grown = {adapters[index]} - {None}
-        batches[-1].append(index)
-        distinct = grown
-    return batches
 
 
 def adapter_batches(indices: Sequence[int], adapters: Sequence[str | None], max_rows: int) -> list[list[int]]:

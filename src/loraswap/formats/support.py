@@ -7,7 +7,7 @@ feature named, why a hot-swap cannot honour it, and what to do.
 
 Every reading path asks this module: :func:`loraswap.inspect` lists what :func:`find_unsupported`
 finds, and a load (``load_adapter``, the diffusers pipeline reader) raises on the first of them
-before reading a tensor, so the two always agree.
+(:func:`check_adapter_supported`) before reading a tensor, so the two always agree.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import AdapterFormatError, UnsupportedAdapterError
+from ..errors import AdapterFormatError, UnsupportedAdapterError
 
 MERGE_FIX = "merge it into the base model (PEFT's merge_and_unload) and serve that model, or retrain it as plain LoRA"
 
@@ -231,6 +231,14 @@ def refuse_unsupported(keys: Iterable[str], configs: Iterable[Mapping[str, Any]]
         others = "; ".join(item.feature.name for item in found[1:])
         also = f" (the adapter also has: {others})" if others else ""
         raise UnsupportedAdapterError(found[0].message(where) + also)
+
+
+def check_adapter_supported(keys, config: Mapping[str, Any] | None, where: str) -> None:
+    """Raise before any tensor is read: :class:`AdapterFormatError` for a damaged config, then
+    :class:`UnsupportedAdapterError` for a feature the config or the key names show (DoRA, IA3, PiSSA, ...)."""
+    if config:
+        check_config_fields(config, where)
+    refuse_unsupported(keys, [config] if config else [], where)
 
 
 def check_config_fields(config: Mapping[str, Any], where: str) -> None:

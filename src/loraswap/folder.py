@@ -1,7 +1,8 @@
 """A folder of adapters, by name: what ``loraswap serve --adapters DIR`` exposes.
 
-Each entry of the folder is an adapter: a PEFT directory, named by the directory's name, or a
-``.safetensors`` file, named by its file name without ``.safetensors``. The folder is read when
+Each entry of the folder is an adapter: an adapter directory (:func:`loraswap.formats.locate.is_adapter_dir`, the
+test ``inspect`` and ``load_adapter`` use), named by the directory's name, or a ``.safetensors`` file, named by
+its file name without ``.safetensors``. The folder is read when
 asked (``ids``, ``resolve``), so adapters added while a server runs are served without a restart.
 """
 
@@ -10,14 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from ..errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError
+from .formats.locate import SAFETENSORS_NAME, is_adapter_dir
 
 _SUFFIX = ".safetensors"
 
 
 class AdapterFolder:
-    """``resolve`` for :class:`~loraswap.serve.AdapterPool`: adapter name -> its path in ``directory``.
+    """``resolve`` for :class:`~loraswap.AdapterPool`: adapter name -> its path in ``directory``.
 
     ``AdapterPool(slots, resolve=AdapterFolder("adapters/"))`` serves ``adapters/style-a/`` (a PEFT
     directory) as ``"style-a"`` and ``adapters/char-b.safetensors`` as ``"char-b"``.
@@ -32,7 +33,7 @@ class AdapterFolder:
         """The names of every adapter in the folder, sorted."""
         names = set()
         for entry in self.directory.iterdir():
-            if entry.is_dir() and _is_adapter_directory(entry):
+            if entry.is_dir() and is_adapter_dir(entry):
                 names.add(entry.name)
             elif entry.is_file() and entry.name.endswith(_SUFFIX):
                 names.add(entry.name[: -len(_SUFFIX)])
@@ -46,7 +47,7 @@ class AdapterFolder:
                 "give a folder or file name without a path (see AdapterFolder.ids())"
             )
         folder = self.directory / adapter_id
-        if folder.is_dir() and _is_adapter_directory(folder):
+        if folder.is_dir() and is_adapter_dir(folder):
             return folder
         file = self.directory / (adapter_id + _SUFFIX)
         if file.is_file():
@@ -59,10 +60,6 @@ class AdapterFolder:
 
     def __repr__(self) -> str:
         return f"AdapterFolder({str(self.directory)!r})"
-
-
-def _is_adapter_directory(path: Path) -> bool:
-    return any((path / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
 
 
 def _is_plain_name(name: str) -> bool:

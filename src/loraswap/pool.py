@@ -24,6 +24,10 @@ and leaves the pool, the slots and the model as they were.
 
 The pool owns the routing of its slots: do not call ``route``/``blend``/``activate`` on them
 directly while the pool serves.
+
+What a pool drives is declared once, :class:`PoolSlots`: :class:`~loraswap.AdapterSlots` (tensor-parallel
+slots included), :class:`~loraswap.FusedSlots` and the pipelines' ``PipelineSlots`` / ``FusedPipelineSlots``
+implement it. This module is core: it imports no Ray and no optional package.
 """
 
 from __future__ import annotations
@@ -36,16 +40,61 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Seq
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
-from ..adapter import AdapterSource
-from ..errors import AdapterNotFoundError, CapacityError, HotswapError, ModeError, SlotError
-from ..fused import FusedSlots
+from .adapter import AdapterSource
+from .errors import AdapterNotFoundError, CapacityError, HotswapError, ModeError, SlotError
 
 AdapterId = Hashable
 Row = Union[AdapterId, None, Mapping[AdapterId, float]]
 Resolve = Callable[[AdapterId], AdapterSource]
 SlotWeights = tuple[tuple[int, float], ...]  # one row's routing: (slot, strength) pairs, sorted
+
+
+
+class HostCounts(Protocol):
+    """The host cache's counters a pool reports (:class:`~loraswap.cache.AdapterCache`)."""
+
+    hits: int
+    misses: int
+
+
+class PoolSlots(Protocol):
+    """What an :class:`AdapterPool` drives: slots it can fill (``packed`` then ``load_packed``), empty and route.
+
+    ``slot_count``: how many slots; ``max_rows``: rows one routing holds (None: no fixed table, as a pipeline
+    routes per prompt); ``max_blend``: adapters one row may blend (None: no limit checked here); ``fused``:
+    whether the slots merge one adapter into the base weights for every row (one adapter per batch).
+    """
+
+    cache: HostCounts
+
+    @property
+    def slot_count(self) -> int: ...
+
+    @property
+    def max_rows(self) -> int | None: ...
+
+    @property
+    def max_blend(self) -> int | None: ...
+
+    @property
+    def fused(self) -> bool: ...
+
+    def packed(self, source: Any, *, allow_pickle: bool = False) -> Any: ...
+
+    def load_packed(self, packed: Any, slot: int = 0) -> None: ...
+
+    def prefetch(self, source: Any, *, allow_pickle: bool = False) -> Future: ...
+
+    def unload(self, slot: int = 0) -> None: ...
+
+    def activate(self, slot: int) -> None: ...
+
+    def route(self, ids: Sequence[int]) -> None: ...
+
+    def blend(self, weights: Any) -> None: ...
+
 
 _BASE = object()  # fused mode: the base model is staged in a slot like an adapter (an empty one)
 
@@ -77,14 +126,14 @@ class AdapterPool:
     resolves the adapters of one folder by name.
     """
 
-    def __init__(self, slots: Any, resolve: Resolve | None = None, *, allow_pickle: bool = False) -> None:
+    def __init__(self, slots: PoolSlots, resolve: Resolve | None = None, *, allow_pickle: bool = False) -> None:
         self.slots = slots
         self.resolve = resolve if resolve is not None else _identity
         self.allow_pickle = allow_pickle
-        self.slot_count = _slot_count(slots)
-        self.fused = _is_fused(slots)
-        self._max_rows = _max_rows(slots)
-        self._max_blend = getattr(getattr(slots, "capacity", None), "max_blend", None)
+        self.slot_count = slots.slot_count
+        self.fused = slots.fused
+        self._max_rows = slots.max_rows
+        self._max_blend = slots.max_blend
         self._cond = threading.Condition()
         self._by_id: OrderedDict[AdapterId, _Resident] = OrderedDict()  # least recently used first
         self._by_slot: dict[int, _Resident] = {}
@@ -270,10 +319,8 @@ class AdapterPool:
     def _write(self, entry: _Resident, packed: object) -> None:
         if entry.adapter_id is _BASE:
             self.slots.unload(entry.slot)
-        elif hasattr(self.slots, "load_packed"):
+        else:
             self.slots.load_packed(packed, entry.slot)
-        else:  # slots without the write half: ``load`` finds the adapter that ``packed`` just cached
-            self.slots.load(self._source(entry.adapter_id), entry.slot, allow_pickle=self.allow_pickle)
 
     def _forget(self, entry: _Resident, error: BaseException) -> None:
         """A load that failed: the slot holds no known adapter, and batches waiting for it raise ``error``."""
@@ -400,19 +447,16 @@ def _identity(adapter_id: AdapterId) -> AdapterSource:
     )
 
 
-def _slot_count(slots: Any) -> int:
-    count = getattr(slots, "slots", None)
-    return count if isinstance(count, int) else slots.capacity.slots
-
-
-def _max_rows(slots: Any) -> int | None:
-    """How many rows one routing holds, where the slots have one routing table (pipelines route per prompt)."""
-    router = getattr(slots, "router", None)
-    return None if router is None else router.max_batch
-
-
-def _is_fused(slots: Any) -> bool:
-    if isinstance(slots, FusedSlots):
-        return True
-    components = getattr(slots, "components", None)
-    return bool(components) and all(isinstance(component, FusedSlots) for component in components.values())
+def pool_batches(indices: Sequence[int], adapters: Sequence[Hashable | None], max_rows: int, slots: int) -> list[list[int]]:
+    """Consecutive runs of ``indices`` with at most ``max_rows`` rows and at most ``slots`` distinct adapters
+    (``adapters[i]`` is row ``i``'s; None, the base model, takes no slot): what one pool route can hold."""
+    batches: list[list[int]] = []
+    distinct: set[Hashable] = set()
+    for index in indices:
+        grown = distinct | ({adapters[index]} - {None})
+        if not batches or len(batches[-1]) == max_rows or len(grown) > slots:
+            batches.append([])
+            grown = {adapters[index]} - {None}
+        batches[-1].append(index)
+        distinct = grown
+    return batches
