@@ -56,6 +56,8 @@ class SlotError(HotswapError, IndexError):
 class DoraStrengthError(SlotError):
     """A DoRA adapter read at a strength other than 0 or 1: its norm was computed at strength 1 (see loraswap.dora)."""
 
+    param = "lora_scale"  # the request field a server names in its 400
+
 
 class LayoutChangedError(HotswapError, RuntimeError):
     """The slot buffers no longer alias their flat storage (the model was moved, cast or quantized after ``attach``)."""
