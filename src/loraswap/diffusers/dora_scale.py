@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedAdapterError
+from ..errors import HotswapError, UnsupportedAdapterError
 from ..formats.dora_scale import SUFFIX, check_dora_scales
+from ..formats.safetensors import open_safetensors, read_safetensors_header
 
 
 def take_dora_scales(source: Any, label: str) -> tuple[Any, dict[int, tuple[str, torch.Tensor, torch.Tensor]]]:
@@ -94,15 +95,18 @@ def _rows_of(lora_B: torch.Tensor | None, up: torch.Tensor) -> slice | None:
 
 
 def _tensors(source: Any) -> tuple[dict[str, torch.Tensor] | None, Mapping[str, str]]:
-    """A state dict and its metadata: the mapping itself, or a lone safetensors file read whole."""
+    """A state dict and its metadata: the mapping itself, or a lone safetensors file read whole when its header
+    names a ``dora_scale`` (None otherwise, and for a file the header check refuses: the usual path reports it)."""
     if isinstance(source, Mapping):
         return dict(source), {}
     path = Path(source).expanduser() if isinstance(source, (str, Path)) else None
     if path is None or path.suffix != ".safetensors" or not path.is_file():
         return None, {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        if not any(key.endswith(SUFFIX) for key in handle.keys()):
-            return {}, {}
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    try:
+        header = read_safetensors_header(path)
+    except HotswapError:
+        return None, {}
+    if not any(key.endswith(SUFFIX) for key in header.tensors):
+        return None, {}
+    with open_safetensors(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, header.metadata
