@@ -44,7 +44,9 @@ def llama_served(tmp_path_factory):
 
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
     adapters = write_adapters(base, root / "adapters", ADAPTERS)
-    adapters["dora"] = write_dora_adapter(base, root / "adapters" / "dora", r=4, target_modules=["q_proj"])
+    adapters["dora"] = write_dora_adapter(
+        base, root / "adapters" / "dora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]
+    )
     return folder, root / "adapters", base, adapters
 
 
