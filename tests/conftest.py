@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from loraswap.testing.synthetic import peft_multi_adapter, tiny_llama, write_adapters
+from loraswap.testing.synthetic import peft_multi_adapter, tiny_llama, write_adapters, write_dora_adapter
 
 # Four adapters that differ in rank, alpha, targets (disjoint and overlapping, attention and MLP),
 # rsLoRA, rank_pattern and alpha_pattern.
@@ -26,6 +26,13 @@ LLAMA_ADAPTERS = {
 
 # A UNet LoRA as diffusers users train it (PEFT's LoraConfig on the attention and proj_in layers).
 UNET_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]}
+
+
+# DoRA adapters (PEFT use_dora) on the same tiny Llama: Linear and Embedding layers, magnitudes moved off the norm.
+DORA_ADAPTERS = {
+    "dora-a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    "dora-b": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"]),
+}
 
 
 def pytest_configure(config):
@@ -103,6 +110,15 @@ def holds_rows_past_live(slots, slot: int) -> bool:
     return False
 
 
+def sd_latents(pipe) -> torch.Tensor:
+    """One denoising step of a tiny SD pipeline on a fixed prompt and seed, as latents (DoRA pipeline tests)."""
+    with torch.no_grad():
+        return pipe(
+            "a cat", num_inference_steps=1, output_type="latent", height=16, width=16,
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def llama_base():
     return tiny_llama(hidden=64, layers=2, vocab=96)
@@ -111,6 +127,15 @@ def llama_base():
 @pytest.fixture(scope="session")
 def llama_adapters(llama_base, tmp_path_factory):
     return write_adapters(llama_base, tmp_path_factory.mktemp("llama-adapters"), LLAMA_ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def dora_adapters(llama_base, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dora-adapters")
+    return {
+        name: write_dora_adapter(llama_base, directory / name, seed=10 + index, **spec)
+        for index, (name, spec) in enumerate(DORA_ADAPTERS.items())
+    }
 
 
 @pytest.fixture(scope="session")

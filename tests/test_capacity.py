@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import loraswap
@@ -26,5 +28,7 @@ def test_headers_give_the_capacity_the_loaded_adapters_give(llama_base, llama_ad
 
 def test_an_adapter_a_load_refuses_is_refused_with_the_load_error(llama_base, llama_adapters, tmp_path):
     dora = write_peft_adapter(llama_base, tmp_path / "dora", r=4, target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(loraswap.UnsupportedAdapterError, match="DoRA"):
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))  # PEFT rejects this DoRA
+    with pytest.raises(loraswap.UnsupportedAdapterError, match="DoRA with lora_bias"):
         loraswap.Capacity.for_adapters([llama_adapters["attn-r2"], dora])

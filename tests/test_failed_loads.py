@@ -20,7 +20,6 @@ from loraswap.errors import (
     PickleRefusedError,
     ShapeMismatchError,
     SlotError,
-    UnsupportedAdapterError,
 )
 from loraswap.testing.synthetic import write_peft_adapter
 
@@ -84,7 +83,7 @@ def bad_inputs(adapters, base, tmp):
     dora = shutil.copytree(attn, tmp / "dora")
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    cases["DoRA"] = (dora, UnsupportedAdapterError, "DoRA")
+    cases["DoRA without magnitudes"] = (dora, AdapterFormatError, "has no lora_magnitude_vector")
     return cases
 
 

@@ -214,13 +214,14 @@ def test_non_lora_and_pickled_files_are_refused(tmp_path, llama_adapters):
         loraswap.inspect(tmp_path / "missing")
 
 
-def test_dora_is_described_as_not_hot_swappable(llama_base, tmp_path):
+def test_dora_is_described_as_hot_swappable_dora(llama_base, tmp_path):
     path = write_peft_adapter(
         llama_base, tmp_path / "dora", r=2, lora_alpha=2, target_modules=["q_proj"], use_dora=True
     )
     info = loraswap.inspect(path)
-    assert info.rank == 2
-    assert any("DoRA" in reason for reason in info.unsupported)
+    assert info.rank == 2 and info.has_dora and info.to_dict()["has_dora"]
+    assert not info.unsupported
+    assert all(layer.magnitude_shape == (64,) for layer in info.layers.values())
 
 
 def test_to_dict_round_trips_through_json(llama_adapters):

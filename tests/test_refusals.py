@@ -53,7 +53,6 @@ def refused_files(llama_base, tmp_path_factory):
                                                                    feedforward_modules=["down_proj"])),
         "LoHa": save_peft(llama_base, directory / "loha", LoHaConfig(r=2, target_modules=TARGETS)),
         "LoKr": save_peft(llama_base, directory / "lokr", LoKrConfig(r=2, target_modules=TARGETS)),
-        "DoRA": save_peft(llama_base, directory / "dora", LoraConfig(use_dora=True, **lora)),
         "modules_to_save": save_peft(llama_base, directory / "mts", LoraConfig(modules_to_save=["lm_head"], **lora)),
         "trained base biases": save_peft(llama_base, directory / "bias-all", LoraConfig(bias="all", **lora)),
         "trained embedding weights": save_peft(
@@ -65,6 +64,8 @@ def refused_files(llama_base, tmp_path_factory):
         llama_base, directory / "bias-lora-only", LoraConfig(bias="lora_only", **lora)
     )
     plain = save_peft(llama_base, directory / "plain", LoraConfig(**lora))
+    dora = save_peft(llama_base, directory / "dora", LoraConfig(use_dora=True, **lora))  # served (tests/test_dora.py)
+    files["DoRA with lora_bias"] = with_config(dora, directory / "dora-bias", lora_bias=True)  # PEFT rejects it too
     for method, name in (("olora", "OLoRA"), ("corda", "CorDA"), ("pissa_niter_4", "PiSSA"), ("loftq", "LoftQ")):
         files[f"{name} ({method})"] = with_config(plain, directory / method, init_lora_weights=method)
     return files
@@ -80,7 +81,7 @@ def served(llama_base, llama_adapters):
 
 @pytest.mark.parametrize(
     "case",
-    ["IA3", "LoHa", "LoKr", "DoRA", "modules_to_save", "trained base biases", "trained base biases (lora_only)",
+    ["IA3", "LoHa", "LoKr", "DoRA with lora_bias", "modules_to_save", "trained base biases", "trained base biases (lora_only)",
      "trained embedding weights", "PiSSA", "OLoRA (olora)", "CorDA (corda)", "PiSSA (pissa_niter_4)", "LoftQ (loftq)"],
 )  # fmt: skip
 def test_each_feature_is_refused_by_name_and_inspect_agrees(served, refused_files, case):
@@ -183,7 +184,8 @@ def test_lone_file_with_a_residual_init_in_its_header_is_refused(llama_adapters,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pipelines: the file's own keys are checked before diffusers' converters, which drop dora_scale silently
+# Pipelines: the file's own keys are checked before diffusers' converters, which drop dora_scale silently (the
+# input-axis DoRA convention is refused by name; the output axis is served, tests/test_dora_kohya.py)
 
 
 def with_keys(source: Path, target: Path, transform) -> Path:
@@ -196,9 +198,10 @@ def kohya_modules(tensors):
 
 
 def add_dora_scale(tensors):
-    """kohya/LyCORIS DoRA: a magnitude per output channel beside each layer's factors."""
+    """kohya/LyCORIS DoRA on the input axis (LyCORIS 2.2-3.1 dora_wd, OneTrainer): shape (1, in), refused by name
+    (the output-axis convention is served: tests/test_dora_kohya.py)."""
     for module in kohya_modules(tensors):
-        tensors[f"{module}.dora_scale"] = torch.ones(1, tensors[f"{module}.lora_up.weight"].shape[0])
+        tensors[f"{module}.dora_scale"] = torch.ones(1, tensors[f"{module}.lora_down.weight"].shape[1])
     return tensors
 
 

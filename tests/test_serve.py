@@ -23,7 +23,13 @@ import pytest
 import torch
 from PIL import Image
 
-from loraswap.testing.synthetic import peft_reference, tiny_llama_folder, write_adapters, write_peft_adapter
+from loraswap.testing.synthetic import (
+    peft_reference,
+    tiny_llama_folder,
+    write_adapters,
+    write_dora_adapter,
+    write_peft_adapter,
+)
 from loraswap.testing.synthetic_text import peft_greedy, tiny_causal_lm_folder
 from loraswap.serve.ray_local import start_local_ray, stop_ray
 from loraswap.testing.synthetic_diffusers import LoraSpec, tiny_sd_pipeline, write_diffusers_lora
@@ -44,14 +50,16 @@ MAX_MODEL_LEN = 64
 
 @pytest.fixture(scope="module")
 def llama_served(tmp_path_factory):
-    """A tiny Llama folder (tokenizer saved with it) and its adapter folder: 5 adapters and one DoRA one."""
+    """A tiny Llama folder (tokenizer saved with it) and its adapter folder: 5 adapters and one DoRA one (served)."""
     root = tmp_path_factory.mktemp("serve-llama")
     folder = tiny_causal_lm_folder(root / "tiny-llama", "llama")  # tiny_llama_folder's model, with a chat template
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
     adapters = write_adapters(base, root / "adapters", ADAPTERS)
-    write_peft_adapter(base, root / "adapters" / "dora", r=4, target_modules=["q_proj"], use_dora=True)
+    adapters["dora"] = write_dora_adapter(
+        base, root / "adapters" / "dora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]
+    )
     return folder, root / "adapters", base, adapters
 
 
@@ -105,7 +113,7 @@ def test_completions_equal_peft_greedy_for_every_adapter_and_the_base(text_url, 
 
     folder, _, base, adapters = llama_served
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    models = [folder.name, *ADAPTERS, "task-0", folder.name]  # 8 requests in flight at once
+    models = [folder.name, *ADAPTERS, "dora", folder.name]  # 8 requests in flight at once
     bodies = [
         {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0} for model, prompt in zip(models, PROMPTS)
     ]
@@ -143,7 +151,6 @@ def test_stats_every_replica_no_recompile_after_warm_up(text_url, llama_served):
     "body, status, param",
     [
         ({"model": "no-such-adapter", "prompt": "the cat"}, 404, "model"),
-        ({"model": "dora", "prompt": "the cat"}, 400, "model"),  # refused at start: DoRA is not served
         ({"model": "task-0", "prompt": "the cat", "max_tokens": -1}, 400, "max_tokens"),
         ({"prompt": "the cat"}, 400, "model"),
     ],

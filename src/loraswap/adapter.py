@@ -26,6 +26,7 @@ from .formats.locate import PICKLE, locate
 from .formats.lora_keys import (
     PEFT_PREFIX,
     config_rank_mismatch,
+    dora_magnitudes_missing,
     group_lora_keys,
     layer_rank_and_alpha,
     lora_scaling,
@@ -49,12 +50,18 @@ class LayerLora:
     ``lora_A`` is ``[r, in]`` (Linear, Conv1D), ``[r, in_channels, *kernel]`` (ConvNd) or
     ``[r, num_embeddings]`` (Embedding); ``lora_B`` is ``[out, r]`` or, for ConvNd,
     ``[out, r // groups, 1, ...]``. The layer adds ``scaling * lora_B(lora_A(x)) (+ scaling * lora_bias)``.
+
+    DoRA: ``magnitude`` is PEFT's ``lora_magnitude_vector`` (one entry per output feature), as read. A slot
+    serves it once :func:`loraswap.dora.resolve_dora` has computed ``dora`` (``m / ||W + s*B*A|| - 1`` per
+    output feature, for one base weight) and folded ``m / ||W + s*B*A||`` into ``lora_B``.
     """
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
     lora_bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    dora: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -88,11 +95,15 @@ class Adapter:
         return any(layer.lora_bias is not None for layer in self.layers.values())
 
     @property
+    def has_dora(self) -> bool:
+        return any(layer.magnitude is not None or layer.dora is not None for layer in self.layers.values())
+
+    @property
     def nbytes(self) -> int:
         return sum(
             t.numel() * t.element_size()
             for layer in self.layers.values()
-            for t in (layer.lora_A, layer.lora_B, layer.lora_bias)
+            for t in (layer.lora_A, layer.lora_B, layer.lora_bias, layer.magnitude, layer.dora)
             if t is not None
         )
 
@@ -125,13 +136,24 @@ def adapter_from_state_dict(
             lora_B=lora_B,
             scaling=_layer_scaling(config, state_dict, roles, module, rank, use_rslora, source),
             lora_bias=state_dict[roles["lora_bias"]] if "lora_bias" in roles else None,
+            magnitude=state_dict[roles["magnitude"]] if "magnitude" in roles else None,
         )
+    check_dora_complete(layers, config, source)
     base_weights = {
         key.removeprefix(PEFT_PREFIX)[: -len(BASE_LAYER_WEIGHT)]: tensor
         for key, tensor in state_dict.items()
         if key.endswith(BASE_LAYER_WEIGHT)
     }
     return Adapter(layers=layers, source=source, config=config, base_weights=base_weights)
+
+
+def check_dora_complete(layers: Mapping[str, LayerLora], config: Mapping[str, Any], source: str) -> None:
+    """A ``use_dora`` config needs a magnitude vector for every layer (PEFT would use an untrained one otherwise)."""
+    if not config.get("use_dora"):
+        return
+    missing = [name for name, layer in layers.items() if layer.magnitude is None]
+    if missing:
+        raise dora_magnitudes_missing(source, missing)
 
 
 def _b_groups(lora_A: torch.Tensor, lora_B: torch.Tensor) -> int:

@@ -100,6 +100,11 @@ def attach(
     # empty unless target weights are DTensors (tensor parallel)
     shards = tensor_parallel.ShardPlan.detect(targets) if tensor_parallel is not None else None
     capacity.check_layer_ranks(name for name, _, _ in targets)
+    if shards and capacity.dora:
+        raise CapacityError(
+            "Capacity(dora=True) on a tensor-parallel model: DoRA's norm spans whole weight rows, which the shards "
+            "split; serve DoRA adapters on an unsharded model, or attach without DoRA"
+        )
     devices = {module.weight.device for _, module, _ in targets}
     if len(devices) > 1:
         raise CapacityError(
@@ -116,7 +121,9 @@ def attach(
         buffers = layout.views(storage.weights[group], storage.scales[group], storage.live[group], name)
         if shards:
             layer_class = shards.layer_class(name, layer_class)
-        slot_layer = layer_class(module, *buffers, router)
+        dora = layout.dora_view(storage.weights[group], name)
+        extra = {} if dora is None else {"lora_dora": dora}  # tensor-parallel layers never take one (refused above)
+        slot_layer = layer_class(module, *buffers, router, **extra)
         model.set_submodule(name, slot_layer)
     if shards:
         return tensor_parallel.TensorParallelSlots(

@@ -36,6 +36,8 @@ class Capacity:
     cost per forward grows with its rank, so padding only where needed is cheaper. ``slots``: how
     many adapters are resident at once. ``max_batch``: how many rows (or packed tokens) the
     routing table can address. ``lora_bias``: allocate room for LoRA biases (PEFT's ``lora_bias=True``).
+    ``dora``: allocate a DoRA vector per slot and layer (``[slots, out]``, see :mod:`loraswap.dora`) so that
+    DoRA adapters load; each forward then adds one per-row vector times the base output per layer.
     ``max_blend``: how many slots one row may mix (default 1: every row reads one adapter, at one
     adapter's cost however many slots are resident). Each row then costs ``max_blend`` adapters'
     LoRA compute: slot layers gather each row's own slots instead of computing every slot for every
@@ -50,6 +52,7 @@ class Capacity:
     lora_bias: bool = False
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
     max_blend: int = 1
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -115,7 +118,7 @@ class Capacity:
         described = [_ranks_and_bias(adapter, allow_pickle) for adapter in adapters]
         if not described:
             raise CapacityError("Capacity.for_adapters needs at least one adapter")
-        layer_ranks = _largest_ranks(ranks for ranks, _ in described)
+        layer_ranks = _largest_ranks(ranks for ranks, _, _ in described)
         if model is not None:
             check_targets_exist(layer_ranks, model)
         return cls(
@@ -124,7 +127,8 @@ class Capacity:
             slots=slots,
             max_batch=max_batch,
             max_blend=max_blend,
-            lora_bias=any(has_bias for _, has_bias in described),
+            lora_bias=any(has_bias for _, has_bias, _ in described),
+            dora=any(has_dora for _, _, has_dora in described),
             layer_ranks=layer_ranks if per_layer_rank else {},
         )
 
@@ -142,10 +146,11 @@ def _largest_ranks(rank_maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return ranks
 
 
-def _ranks_and_bias(adapter: AdapterSource | AdapterInfo, allow_pickle: bool) -> tuple[dict[str, int], bool]:
-    """``({module name: rank}, has a LoRA bias)`` of one adapter, from its header when it is a safetensors file."""
+def _ranks_and_bias(adapter: AdapterSource | AdapterInfo, allow_pickle: bool) -> tuple[dict[str, int], bool, bool]:
+    """``({module name: rank}, has a LoRA bias, is DoRA)`` of one adapter, from its header when it is a safetensors
+    file."""
     if isinstance(adapter, Adapter):
-        return _ranks_of(adapter), adapter.has_bias
+        return _ranks_of(adapter), adapter.has_bias, adapter.has_dora
     source = adapter.source if isinstance(adapter, AdapterInfo) else adapter
     try:
         info = adapter if isinstance(adapter, AdapterInfo) else inspect(adapter)
@@ -154,9 +159,9 @@ def _ranks_and_bias(adapter: AdapterSource | AdapterInfo, allow_pickle: bool) ->
             raise
         info = None
     if info is not None and info.is_peft and not info.unsupported:
-        return info.layer_ranks, info.has_bias
+        return info.layer_ranks, info.has_bias, info.has_dora
     loaded = load_adapter(source, allow_pickle=allow_pickle)  # raises what a load would (a refused feature, a format)
-    return _ranks_of(loaded), loaded.has_bias
+    return _ranks_of(loaded), loaded.has_bias, loaded.has_dora
 
 
 def _ranks_of(adapter: Adapter) -> dict[str, int]:

@@ -285,7 +285,9 @@ def bench_pool(
 
 @bench_app.command("forward")
 def bench_forward(
-    sets: str = typer.Option("ab", help="Adapter sets to run: a (ranks 8-64), b (one rank-128 layer type, others 4-8)."),
+    sets: str = typer.Option(
+        "abd", help="Adapter sets to run: a (ranks 8-64), b (one rank-128 layer type, others 4-8), d (DoRA vs plain)."
+    ),
     rounds: int = typer.Option(60, help="Alternating timing rounds."),
     seq: int = typer.Option(128, help="Tokens per forward (batch 1)."),
     threads: int = typer.Option(1, help="torch threads (1: steadier on a shared CPU)."),

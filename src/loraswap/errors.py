@@ -20,7 +20,7 @@ class AdapterFormatError(HotswapError, ValueError):
 
 
 class UnsupportedAdapterError(HotswapError, ValueError):
-    """The adapter uses a feature loraswap cannot hot-swap (DoRA, non-LoRA PEFT types, ...)."""
+    """The adapter uses a feature loraswap cannot hot-swap (LoHa, non-LoRA PEFT types, ...)."""
 
 
 class PickleRefusedError(HotswapError, ValueError):
@@ -51,6 +51,12 @@ class NonFiniteError(HotswapError, ValueError):
 
 class SlotError(HotswapError, IndexError):
     """A slot id, routing id or blend weight outside what ``attach`` allocated."""
+
+
+class DoraStrengthError(SlotError):
+    """A DoRA adapter read at a strength other than 0 or 1: its norm was computed at strength 1 (see loraswap.dora)."""
+
+    param = "lora_scale"  # the request field a server names in its 400
 
 
 class LayoutChangedError(HotswapError, RuntimeError):

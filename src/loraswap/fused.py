@@ -2,7 +2,8 @@
 
 ``attach(model, capacity, mode="fused")`` leaves every layer as it is and returns a :class:`FusedSlots`.
 Loading an adapter writes ``W0 + scale * B @ A`` (and ``b0 + scale * lora_bias``) into the base
-weight's own storage: same shape, dtype, device and ``data_ptr``, so a compiled graph (CUDA graphs
+weight's own storage (a DoRA adapter: ``g * (W0 + scale * B @ A)`` with ``g = m / ||W0 + scale * B @ A||``
+per output feature, PEFT's ``merge``; the bias stays ``b0``): same shape, dtype, device and ``data_ptr``, so a compiled graph (CUDA graphs
 included) reads the new weights without recompiling and without any per-step LoRA work.
 
 ``W0`` comes from a pristine host copy of every targeted weight (and bias, when the capacity has
@@ -71,12 +72,14 @@ class FusedTarget:
 
 @dataclass(frozen=True)
 class LayerFactors:
-    """One layer's merge: ``weight = W0 + scaling * left @ right`` (viewed as 2-D), ``bias = b0 + scaling * bias``."""
+    """One layer's merge: ``weight = W0 + scaling * left @ right`` (viewed as 2-D), ``bias = b0 + scaling * bias``;
+    with a DoRA ``magnitude``, the merged weight's output features are then rescaled to it (PEFT's DoRA merge)."""
 
     left: torch.Tensor
     right: torch.Tensor
     scaling: float
     bias: torch.Tensor | None
+    magnitude: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class FusedAdapter:
         return sum(
             t.numel() * t.element_size()
             for factors in self.layers.values()
-            for t in (factors.left, factors.right, factors.bias)
+            for t in (factors.left, factors.right, factors.bias, factors.magnitude)
             if t is not None
         )
 
@@ -315,7 +318,8 @@ class FusedSlots:
             return out.copy_(tensor)
 
         bias = None if layer.lora_bias is None else prepared(layer.lora_bias)
-        return LayerFactors(prepared(left), prepared(right), float(layer.scaling), bias)
+        magnitude = None if layer.magnitude is None else prepared(layer.magnitude.reshape(-1))
+        return LayerFactors(prepared(left), prepared(right), float(layer.scaling), bias, magnitude)
 
     def load(self, source: AdapterSource, slot: int = 0, *, allow_pickle: bool = False) -> None:
         """Merge ``source`` into the weights (into the active slot), or stage it for ``activate(slot)``."""
@@ -439,12 +443,23 @@ def _merge_weight(target: FusedTarget, factors: LayerFactors | None) -> None:
     left = factors.left.to(live.device, non_blocking=True)
     right = factors.right.to(live.device, non_blocking=True)
     rows = left.shape[0]
-    if live.dtype == target.compute_dtype and live.is_contiguous():
+    if factors.magnitude is not None:
+        merged = torch.addmm(base.reshape(rows, -1).to(target.compute_dtype), left, right, alpha=factors.scaling)
+        live.copy_(_dora_rescaled(merged, factors.magnitude.to(live.device), target).view(live.shape))
+    elif live.dtype == target.compute_dtype and live.is_contiguous():
         torch.addmm(base.view(rows, -1), left, right, alpha=factors.scaling, out=live.view(rows, -1))
     else:
         merged = torch.addmm(base.reshape(rows, -1).to(target.compute_dtype), left, right, alpha=factors.scaling)
         live.copy_(merged.view(live.shape))
     _check_finite(live, target, "weight")
+
+
+def _dora_rescaled(merged: torch.Tensor, magnitude: torch.Tensor, target: FusedTarget) -> torch.Tensor:
+    """PEFT's DoRA merge: ``(m / ||W0 + delta||) * (W0 + delta)`` per output feature (the columns of a weight stored
+    ``[in, out]``), the norm of the unmerged sum, as PEFT's ``merge_safe`` takes it."""
+    axis = 0 if target.weight_major_in else 1
+    norm = torch.linalg.norm(merged, dim=axis, keepdim=True)
+    return merged * (magnitude.view(norm.shape) / norm)
 
 
 def _merge_bias(target: FusedTarget, factors: LayerFactors | None) -> None:

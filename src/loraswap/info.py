@@ -9,6 +9,7 @@ files keep alpha there, not in a config): a few bytes each. Nothing is unpickled
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,11 +20,13 @@ from .errors import AdapterFormatError, PickleRefusedError
 from .formats.locate import PICKLE, locate
 from .formats.lora_keys import (
     FORMAT_DIFFUSERS,
+    FORMAT_KOHYA,
     FORMAT_PEFT_DIR,
     FORMAT_PEFT_FILE,
     PEFT_FORMATS,
     component_configs,
     config_rank_mismatch,
+    dora_magnitudes_missing,
     detect_format,
     group_keys,
     key_component,
@@ -33,8 +36,9 @@ from .formats.lora_keys import (
     ranks_disagree,
     read_config,
 )
+from .formats.dora_scale import check_dora_scales
 from .formats.safetensors import FLOAT_DTYPES, SafetensorsHeader, read_safetensors_header, read_scalar
-from .formats.support import check_config_fields, find_unsupported, names_of, refuse_unsupported
+from .formats.support import DORA_SCALE, check_config_fields, find_unsupported, names_of, refuse_unsupported
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -51,6 +55,7 @@ class LayerInfo:
     lora_B_shape: tuple[int, ...]
     bias_shape: tuple[int, ...] | None
     numel: int
+    magnitude_shape: tuple[int, ...] | None = None  # DoRA's lora_magnitude_vector
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,10 @@ class AdapterInfo:
         return any(layer.bias_shape is not None for layer in self.layers.values())
 
     @property
+    def has_dora(self) -> bool:
+        return any(layer.magnitude_shape is not None for layer in self.layers.values())
+
+    @property
     def parameters(self) -> int:
         return sum(layer.numel for layer in self.layers.values())
 
@@ -118,6 +127,7 @@ class AdapterInfo:
             alphas=list(self.alphas),
             scalings=list(self.scalings),
             has_bias=self.has_bias,
+            has_dora=self.has_dora,
             parameters=self.parameters,
         )
         return result
@@ -133,6 +143,7 @@ def _layer_info(
     lora_A = header.tensors[roles["lora_A"]]
     lora_B = header.tensors[roles["lora_B"]]
     bias = header.tensors[roles["lora_bias"]] if "lora_bias" in roles else None
+    magnitude = header.tensors[roles["magnitude"]] if "magnitude" in roles else None
     rank = lora_A.shape[0] if lora_A.shape else 0
     b_rank = lora_B.shape[1] if len(lora_B.shape) > 1 else 0
     if rank == 0 or b_rank == 0 or rank % b_rank:
@@ -147,8 +158,11 @@ def _layer_info(
     else:
         alpha = None
     scaling = 1.0 if alpha is None else lora_scaling(alpha, rank, use_rslora)
-    numel = lora_A.numel + lora_B.numel + (bias.numel if bias is not None else 0)
-    return LayerInfo(rank, alpha, scaling, lora_A.shape, lora_B.shape, bias.shape if bias is not None else None, numel)
+    numel = lora_A.numel + lora_B.numel + sum(t.numel for t in (bias, magnitude) if t is not None)
+    return LayerInfo(
+        rank, alpha, scaling, lora_A.shape, lora_B.shape, bias.shape if bias is not None else None, numel,
+        magnitude.shape if magnitude is not None else None,
+    )
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -183,13 +197,25 @@ def inspect(source: str | os.PathLike, revision: str | None = None) -> AdapterIn
     if not modules:
         refuse_unsupported(header.tensors, configs.values(), str(weights))
         raise AdapterFormatError(f"{weights}: no complete LoRA layer (lora_A with lora_B) found")
-    unsupported = [*names_of(find_unsupported(header.tensors, configs.values())), *notes]
+    found = find_unsupported(header.tensors, configs.values())
+    dora_outputs: dict[str, int] = {}
+    if file_format == FORMAT_KOHYA:  # the pipeline reader serves output-axis dora_scale: the same check, on shapes
+        shapes = {key: entry.shape for key, entry in header.tensors.items()}
+        dora_outputs = check_dora_scales(str(weights), shapes, header.metadata)
+        found = [item for item in found if item.feature is not DORA_SCALE]
+    unsupported = [*names_of(found), *notes]
     layers = {}
     for module, roles in sorted(modules.items()):
         component = key_component(module, file_format)
         component_config = configs.get(component or "")
         config_name = module[len(component) + 1 :] if component and file_format == FORMAT_DIFFUSERS else module
         layers[module] = _layer_info(header, module, roles, component_config, config_name)
+        if module in dora_outputs:
+            layers[module] = dataclasses.replace(layers[module], magnitude_shape=(dora_outputs[module],))
+    if configs.get("", {}).get("use_dora") and file_format in PEFT_FORMATS:
+        missing = [module for module, layer in layers.items() if layer.magnitude_shape is None]
+        if missing:
+            raise dora_magnitudes_missing(str(weights), missing)
     lora_keys = [key for roles in modules.values() for role, key in roles.items() if role != "alpha"]
     dtypes = tuple(sorted({header.tensors[key].dtype for key in lora_keys}))
     unsupported += [f"LoRA weights of dtype {dtype} (not floating point)" for dtype in dtypes if dtype not in FLOAT_DTYPES]
@@ -259,7 +285,7 @@ def print_infos(infos: Sequence[AdapterInfo], show_layers: bool = False, console
             info.format,
             "/".join(str(rank) for rank in info.ranks),
             _numbers(info.alphas),
-            _numbers(info.scalings) + (" rsLoRA" if info.use_rslora else ""),
+            _numbers(info.scalings) + (" rsLoRA" if info.use_rslora else "") + (" DoRA" if info.has_dora else ""),
             str(len(info.layers)),
             targets,
             f"{format_bytes(info.parameter_bytes)} {','.join(info.dtypes)}",

@@ -2,10 +2,14 @@
 
 Each slot layer holds, as registered buffers that never change shape, dtype, device or storage:
 ``lora_A [slots, R, *a_tail]``, ``lora_B [slots, out, R]``, ``scale [slots]`` (float32), ``live [slots, R]``
-(bool: the rank rows the slot's adapter fills), an optional ``lora_bias [slots, out]``, and the routing
-tensors of :class:`~loraswap.routing.Router`, shared by all layers. Its output is
-``base(x) + sum_s w_s * scale_s * (B_s (live_s * A_s x) + bias_s)`` with ``w`` the row's routing weights;
-a rank row that is not live, a zero slot or a zero weight adds exactly nothing. (Rank rows past the
+(bool: the rank rows the slot's adapter fills), an optional ``lora_bias [slots, out]``, an optional
+``lora_dora [slots, out]`` (DoRA, see :mod:`loraswap.dora`) and the routing tensors of
+:class:`~loraswap.routing.Router`, shared by all layers. Its output is
+``base(x) + sum_s w_s * scale_s * (B_s (live_s * A_s x) + bias_s) + (sum_s w_s * dora_s) * (base(x) - b0)``
+with ``w`` the row's routing weights and ``b0`` the base layer's bias; a rank row that is not live, a zero
+slot or a zero weight adds exactly nothing. A DoRA slot holds ``B_s`` already multiplied by its
+magnitude-over-norm ``g_s`` and ``dora_s = g_s - 1``; every other slot holds ``dora_s = 0``, so its rows
+add ``delta + 0 * (...)``, which is ``delta`` bit for bit. (Rank rows past the
 live ones may hold a previous adapter's values, which a swap does not spend time zeroing, see
 :mod:`loraswap.layout`: the dense kernel masks the shrunk activations with a ``where``, not a
 product; the gathered kernel never reads those rows, see :meth:`SlotLayer._slot_weights`.)
@@ -83,6 +87,7 @@ class SlotLayer(nn.Module):
         live: torch.Tensor,
         lora_bias: torch.Tensor | None,
         router: Router,
+        lora_dora: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -91,6 +96,7 @@ class SlotLayer(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("live", live, persistent=False)
         self.register_buffer("lora_bias", lora_bias, persistent=False)
+        self.register_buffer("lora_dora", lora_dora, persistent=False)
         self.register_buffer("row_weights", router.row_weights, persistent=False)
         self.register_buffer("per_token", router.per_token, persistent=False)
         self.register_buffer("row_slots", router.row_slots, persistent=False)
@@ -108,6 +114,34 @@ class SlotLayer(nn.Module):
 
     def _bias_delta(self, coef: torch.Tensor) -> torch.Tensor:
         return coef.to(self.lora_bias.dtype) @ self.lora_bias
+
+    def _with_dora(self, result: torch.Tensor, delta: torch.Tensor, vector: torch.Tensor, channel_dim: int = -1):
+        """``result + (delta + vector * (result - b0))``: PEFT's DoRA term ``(g - 1) * base_no_bias(x) + g * s * B(A(x))``
+        (``g`` folded into the slot's ``lora_B``), ``vector`` each row's ``sum_s w_s * (g_s - 1)`` broadcast over
+        ``result`` along ``channel_dim`` (the output features). Without DoRA in the capacity: ``result + delta``."""
+        if self.lora_dora is None:
+            return result + delta
+        base = result
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            shape = [1] * result.dim()
+            shape[channel_dim] = -1
+            base = result - bias.view(shape)
+        return result + (delta + vector.to(result.dtype) * base)
+
+    def _dense_dora(self, routing: torch.Tensor) -> torch.Tensor | None:
+        """Dense kernel: each position's ``sum_s w_s * dora_s`` (``routing [n, S]`` -> ``[n, out]``)."""
+        if self.lora_dora is None:
+            return None
+        return routing.to(self.lora_dora.dtype) @ self.lora_dora
+
+    def _gathered_dora(self, batch: int, slot_ids: torch.Tensor) -> torch.Tensor | None:
+        """Gathered kernel: each row's ``sum_k w_k * dora_k`` over its own K slots (``[batch, out]``)."""
+        if self.lora_dora is None:
+            return None
+        row = torch.arange(batch, device=self.row_terms.device).clamp(max=self.row_terms.shape[0] - 1)
+        weights = self.row_terms[row].to(self.lora_dora.dtype)
+        return torch.bmm(weights[:, None, :], slot_rows(self.lora_dora, slot_ids))[:, 0]
 
     def _token_routing(self, batch: int, positions: int) -> torch.Tensor:
         """Routing weights ``[positions, S]``: the same in every layer, so the compiled graph computes them once."""
@@ -201,22 +235,28 @@ class SlotLinear(SlotLayer):
         result = self.base_layer(x, *args, **kwargs)
         batch = x.shape[0] if x.dim() > 1 else 1
         if self.gathered:
-            delta = self._gathered_delta(x.reshape(batch, -1, x.shape[-1]).to(self.lora_A.dtype))
+            delta, dora = self._gathered_delta(x.reshape(batch, -1, x.shape[-1]).to(self.lora_A.dtype))
+            if dora is not None:  # [B, out] -> one vector per row, over its positions
+                dora = dora.view(batch, *[1] * (result.dim() - 2), -1) if result.dim() > 1 else dora[0]
         else:
             flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
             routing = self._token_routing(batch, flat.shape[0])
             slots, rank = self.lora_A.shape[:2]
             hidden = flat @ self.lora_A.reshape(slots * rank, -1).t()  # one matmul over every slot
             delta = self._expand(hidden.reshape(-1, slots, rank), routing)
-        return result + delta.reshape(result.shape).to(result.dtype)
+            dora = self._dense_dora(routing)
+            dora = None if dora is None else dora.reshape(result.shape)
+        return self._with_dora(result, delta.reshape(result.shape).to(result.dtype), dora)
 
-    def _gathered_delta(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[B, T, in]`` -> ``[B, T, out]``: one batched shrink over each row's own K slots, then the expand."""
+    def _gathered_delta(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, T, in]`` -> ``[B, T, out]``: one batched shrink over each row's own K slots, then the expand;
+        and each row's DoRA vector ``[B, out]`` (None without DoRA)."""
         batch, positions, _ = rows.shape
         slot_ids, coef = self._gathered_terms(batch)
         lora_A = self._slot_weights(self.lora_A, slot_ids)  # [B, K, R, in]
         hidden = torch.bmm(rows, lora_A.reshape(batch, -1, lora_A.shape[-1]).transpose(1, 2))
-        return self._gathered_expand(hidden.reshape(batch, positions, *lora_A.shape[1:3]), slot_ids, coef)
+        delta = self._gathered_expand(hidden.reshape(batch, positions, *lora_A.shape[1:3]), slot_ids, coef)
+        return delta, self._gathered_dora(batch, slot_ids)
 
 
 class SlotConv1D(SlotLinear):
@@ -244,16 +284,22 @@ class SlotEmbedding(SlotLayer):
             hidden = self.lora_A.permute(0, 2, 1)[slot_ids[:, None, :], ids[:, :, None]]  # [B, T, K, R]: a lookup
             hidden = torch.where(slot_rows(self.live, slot_ids)[:, None], hidden, 0)  # a lookup reads stale rows too
             delta = self._gathered_expand(hidden, slot_ids, coef)
+            dora = self._gathered_dora(batch, slot_ids)
+            if dora is not None:
+                dora = dora.view(batch, *[1] * (result.dim() - 2), -1) if result.dim() > 1 else dora[0]
         else:
             slots, rank, vocab = self.lora_A.shape
             table = self.lora_A.reshape(slots * rank, vocab).t()
             hidden = F.embedding(x, table).reshape(-1, slots, rank)
-            delta = self._expand(hidden, self._token_routing(batch, hidden.shape[0]))
+            routing = self._token_routing(batch, hidden.shape[0])
+            delta = self._expand(hidden, routing)
+            dora = self._dense_dora(routing)
+            dora = None if dora is None else dora.reshape(result.shape)
         delta = delta.reshape(result.shape)
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         if isinstance(embed_scale, torch.Tensor):
             delta = delta * embed_scale.to(delta.dtype)
-        return result + delta.to(result.dtype)
+        return self._with_dora(result, delta.to(result.dtype), dora)
 
 
 class SlotConv(SlotLayer):
@@ -278,7 +324,15 @@ class SlotConv(SlotLayer):
         result = self.base_layer(x, *args, **kwargs)
         x = x.to(self.lora_A.dtype)
         delta = self._gathered_delta(x) if self.gathered else self._dense_delta(x)
-        return result + delta.reshape(result.shape).to(result.dtype)
+        dora = None
+        if self.lora_dora is not None:  # one vector per row, over the output channels (dim 1) of its positions
+            batch = result.shape[0]
+            if self.gathered:
+                dora = self._gathered_dora(batch, self._gathered_terms(batch)[0])
+            else:
+                dora = self._dense_dora(row_coefficients(self.row_weights, batch))
+            dora = dora.view(batch, -1, *[1] * (result.dim() - 2))
+        return self._with_dora(result, delta.reshape(result.shape).to(result.dtype), dora, channel_dim=1)
 
     def _dense_delta(self, x: torch.Tensor) -> torch.Tensor:
         slots, rank = self.lora_A.shape[:2]

@@ -88,6 +88,7 @@ class LayerPlacement:
     a_offset: int
     b_offset: int
     bias_offset: int | None
+    dora_offset: int | None = None  # DoRA's per-output vector g - 1 (see loraswap.dora), after the biases
 
     def filled_rows(self, rank: int) -> int:
         """Rank rows an adapter layer of rank ``rank`` fills: its rank, or for a grouped conv up to the last
@@ -120,6 +121,7 @@ class Group:
     layers: int
     blocks: tuple[RankBlock, ...]
     bias: slice | None  # every layer's lora_bias, after the blocks
+    dora: slice | None = None  # every layer's DoRA vector, after the biases
 
     @property
     def live_width(self) -> int:
@@ -153,6 +155,7 @@ class PackedAdapter:
     layout: SlotLayout = field(repr=False, compare=False)  # the layout it was packed for: only that one can take it
     live_rows: LiveRows  # the rank rows it fills (the rest of each block is zero): what a swap copies
     copy_sources: tuple[torch.Tensor, ...] = field(repr=False, compare=False)  # SlotLayout.copy_views of its tensors
+    has_dora: bool = False  # a DoRA adapter (served at strength 0 or 1 only, see loraswap.dora)
 
     @property
     def nbytes(self) -> int:
@@ -180,10 +183,13 @@ def check_packed_for(packed: PackedAdapter | FusedAdapter, layout: SlotLayout) -
 class SlotLayout:
     """The fixed placement of every slot layer's LoRA tensors, decided once at ``attach``."""
 
-    def __init__(self, placements: dict[str, LayerPlacement], groups: list[Group], has_bias: bool) -> None:
+    def __init__(
+        self, placements: dict[str, LayerPlacement], groups: list[Group], has_bias: bool, has_dora: bool = False
+    ) -> None:
         self.placements = placements
         self.groups = groups
         self.has_bias = has_bias
+        self.has_dora = has_dora
 
     @classmethod
     def plan(cls, targets: Iterable[tuple[str, nn.Module, SlotSpec]], capacity: Capacity) -> SlotLayout:
@@ -206,11 +212,13 @@ class SlotLayout:
         for group, (dtype, device) in enumerate(group_keys):
             members = [(name, spec, rank) for name, spec, rank, member_group in layers if member_group == group]
             align = max(ALIGN_BYTES // dtype.itemsize, 1)
-            numel, blocks, bias, group_placements = _plan_group(group, members, align, capacity.lora_bias)
-            groups.append(Group(dtype, device, numel, len(members), blocks, bias))
+            numel, blocks, bias, dora, group_placements = _plan_group(
+                group, members, align, capacity.lora_bias, capacity.dora
+            )
+            groups.append(Group(dtype, device, numel, len(members), blocks, bias, dora))
             placements.update((place.name, place) for place in group_placements)
         placements = {name: placements[name] for name, *_ in layers}  # the model's order
-        return cls(placements, groups, capacity.lora_bias)
+        return cls(placements, groups, capacity.lora_bias, capacity.dora)
 
     @property
     def slot_nbytes(self) -> int:
@@ -235,6 +243,10 @@ class SlotLayout:
         block = self.groups[place.group].blocks[place.block]
         live_rows = live[..., block.live_offset : block.live_offset + block.rows]
         return *_weight_views(weights, place), scales[..., place.scale_index], live_rows, _bias_view(weights, place)
+
+    def dora_view(self, weights: torch.Tensor, name: str) -> torch.Tensor | None:
+        """``lora_dora [..., out]`` of one layer inside ``weights [..., numel]`` (None: the capacity has no DoRA)."""
+        return _span_view(weights, self.placements[name].dora_offset, self.placements[name].spec.out)
 
     def live_rows(self, adapter: Adapter) -> LiveRows:
         """The rank rows of each block that ``adapter`` fills (a validated adapter: every layer has a placement)."""
@@ -270,15 +282,15 @@ class SlotLayout:
         views = []
         for group, row, filled in zip(self.groups, weights, live_rows):
             views += [row[block.span(0, rows)] for block, rows in zip(group.blocks, filled) if rows]
-            if group.bias is not None:
-                views.append(row[group.bias])
+            views += [row[span] for span in (group.bias, group.dora) if span is not None]
         return (*views, *scales, *live)
 
     def zero_rows(
         self, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], live: Sequence[torch.Tensor]
     ) -> None:
-        """Make one slot row add nothing: zero its scales, live mask and biases (its rank rows are masked out)."""
-        biases = [row[group.bias] for group, row in zip(self.groups, weights) if group.bias is not None]
+        """Make one slot row add nothing: zero its scales, live mask, biases and DoRA vectors (its rank rows are
+        masked out)."""
+        biases = [row[span] for group, row in zip(self.groups, weights) for span in (group.bias, group.dora) if span is not None]
         torch._foreach_zero_([*biases, *scales, *live])
 
     def validate(self, adapter: Adapter, *, cast: bool = False) -> None:
@@ -295,7 +307,7 @@ class SlotLayout:
                     "add it to Capacity.target_modules, or build the capacity with Capacity.for_adapters "
                     "over every adapter you will serve"
                 )
-            _validate_layer(name, layer, place, self.has_bias)
+            _validate_layer(name, layer, place, self.has_bias, self.has_dora)
         _check_values(
             (name, layer, self.groups[self.placements[name].group].dtype if cast else None)
             for name, layer in adapter.layers.items()
@@ -329,21 +341,33 @@ class SlotLayout:
             rows = live_rows[place.group][place.block]
             written = 0 if layer is None or place.spec.groups > 1 else layer.rank  # grouped convs: block-diagonal B
             stale_bias = place.bias_offset is not None and (layer is None or layer.lora_bias is None)
-            pad = not fresh and (written < rows or stale_bias)
+            stale_dora = place.dora_offset is not None and (layer is None or layer.dora is None)
+            pad = not fresh and (written < rows or stale_bias or stale_dora)
             if layer is None and not pad:
                 continue
             lora_A, lora_B = _weight_views(weights[place.group], place)
             bias = _bias_view(weights[place.group], place)
+            dora = _span_view(weights[place.group], place.dora_offset, place.spec.out)
             if pad:
-                pads += [lora_A[written:rows], lora_B[:, written:rows], *([bias] if stale_bias else [])]
+                pads += [lora_A[written:rows], lora_B[:, written:rows]]
+                pads += [bias] if stale_bias else []
+                pads += [dora] if stale_dora else []
             if layer is None:
                 continue
+            if layer.magnitude is not None:  # only loraswap.dora.resolve_dora's output may reach a slot
+                raise UnsupportedAdapterError(
+                    f"layer {name!r}: {adapter.source} is DoRA and was not resolved against the base weights; load it "
+                    "through AdapterSlots.load/pack, which computes its magnitude-over-norm vectors"
+                )
             for destination, source in _padded_pairs(layer, place.spec, lora_A, lora_B):
                 destinations.append(destination)
                 sources.append(source)
             if layer.lora_bias is not None:
                 destinations.append(bias)
                 sources.append(layer.lora_bias)
+            if layer.dora is not None:
+                destinations.append(dora)
+                sources.append(layer.dora)
             scale_values[place.group][place.scale_index] = layer.scaling
         pads = [pad for pad in pads if pad.numel()]
         if pads:
@@ -364,14 +388,17 @@ class SlotLayout:
         live = tuple(torch.zeros(g.live_width, dtype=torch.bool, pin_memory=pin_memory) for g in self.groups)
         live_rows = self.fill(adapter, weights, scales, live, fresh=True)
         sources = self.copy_views(weights, scales, live, live_rows)
-        return PackedAdapter(weights, scales, live, adapter.source, adapter.target_names, self, live_rows, sources)
+        return PackedAdapter(
+            weights, scales, live, adapter.source, adapter.target_names, self, live_rows, sources, adapter.has_dora
+        )
 
 
 def _plan_group(
-    group: int, members: list[tuple[str, SlotSpec, int]], align: int, has_bias: bool
-) -> tuple[int, tuple[RankBlock, ...], slice | None, list[LayerPlacement]]:
+    group: int, members: list[tuple[str, SlotSpec, int]], align: int, has_bias: bool, has_dora: bool = False
+) -> tuple[int, tuple[RankBlock, ...], slice | None, slice | None, list[LayerPlacement]]:
     """One group's flat row: a rank-major block per capacity rank (each layer's A row and B column side by side
-    in every rank row, ``align``-element aligned), then the biases. Returns (numel, blocks, bias span, placements)."""
+    in every rank row, ``align``-element aligned), then the biases, then the DoRA vectors.
+    Returns (numel, blocks, bias span, DoRA span, placements)."""
     ranks = list(dict.fromkeys(rank for _, _, rank in members))
     columns: dict[str, tuple[int, int]] = {}  # name -> (A column, B column) in its block's rows
     widths = [0] * len(ranks)
@@ -386,17 +413,26 @@ def _plan_group(
         numel += rank * width
         live_offset += rank
     bias_start = numel
+    bias_offsets: list[int | None] = [None] * len(members)
+    dora_offsets: list[int | None] = [None] * len(members)
+    for offsets, present in ((bias_offsets, has_bias), (dora_offsets, has_dora)):
+        for index, (_, spec, _) in enumerate(members):
+            if present:
+                offsets[index], numel = numel, numel + _aligned(spec.out, align)
+    dora_start = bias_start if not has_bias else bias_start + sum(_aligned(spec.out, align) for _, spec, _ in members)
     placements = []
     for index, (name, spec, rank) in enumerate(members):
         block = ranks.index(rank)
-        bias_offset = None
-        if has_bias:
-            bias_offset, numel = numel, numel + _aligned(spec.out, align)
         a_offset, b_offset = (blocks[block].offset + column for column in columns[name])
         placements.append(
-            LayerPlacement(name, spec, rank, group, index, block, widths[block], a_offset, b_offset, bias_offset)
+            LayerPlacement(
+                name, spec, rank, group, index, block, widths[block], a_offset, b_offset,
+                bias_offsets[index], dora_offsets[index],
+            )
         )
-    return numel, tuple(blocks), slice(bias_start, numel) if has_bias else None, placements
+    bias = slice(bias_start, dora_start) if has_bias else None
+    dora = slice(dora_start, numel) if has_dora else None
+    return numel, tuple(blocks), bias, dora, placements
 
 
 def _weight_views(weights: torch.Tensor, place: LayerPlacement) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,9 +447,11 @@ def _weight_views(weights: torch.Tensor, place: LayerPlacement) -> tuple[torch.T
 
 
 def _bias_view(weights: torch.Tensor, place: LayerPlacement) -> torch.Tensor | None:
-    if place.bias_offset is None:
-        return None
-    return weights[..., place.bias_offset : place.bias_offset + place.spec.out]
+    return _span_view(weights, place.bias_offset, place.spec.out)
+
+
+def _span_view(weights: torch.Tensor, offset: int | None, size: int) -> torch.Tensor | None:
+    return None if offset is None else weights[..., offset : offset + size]
 
 
 def _aligned(size: int, align: int) -> int:
@@ -452,7 +490,7 @@ def check_saved_base_weights(adapter: Adapter, base_weight: Callable[[str], torc
         )
 
 
-def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias: bool) -> None:
+def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias: bool, has_dora: bool) -> None:
     spec = place.spec
     rank = layer.rank
     if rank > place.rank:
@@ -479,6 +517,14 @@ def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias
                 "for one; attach with Capacity(lora_bias=True)"
             )
         checks.append(("lora_bias", layer.lora_bias, (spec.out,)))
+    if layer.magnitude is not None or layer.dora is not None:
+        check_dora_room(name, spec, has_dora)
+        if layer.magnitude is not None and layer.magnitude.dim() > 1:  # PEFT's conv magnitude is (1, out, 1, ...)
+            checks.append(("lora_magnitude_vector", layer.magnitude, (1, spec.out, *[1] * (layer.magnitude.dim() - 2))))
+        elif layer.magnitude is not None:
+            checks.append(("lora_magnitude_vector", layer.magnitude, (spec.out,)))
+        if layer.dora is not None:
+            checks.append(("dora", layer.dora, (spec.out,)))
     for role, tensor, shape in checks:
         if tensor.shape != shape:
             raise ShapeMismatchError(
@@ -491,6 +537,22 @@ def _validate_layer(name: str, layer: LayerLora, place: LayerPlacement, has_bias
         raise NonFiniteError(f"layer {name!r}: scaling is {layer.scaling}; check lora_alpha and r in the config")
 
 
+def check_dora_room(name: str, spec: SlotSpec, has_dora: bool) -> None:
+    """Raise when a DoRA layer cannot be served: no room for DoRA vectors, or a grouped conv."""
+    if spec.groups > 1:
+        raise UnsupportedAdapterError(
+            f"layer {name!r}: DoRA on a conv with groups={spec.groups} cannot be served exactly: PEFT's DoRA norm "
+            "treats the grouped weight as dense, and its own conv DoRA is wrong there; retrain with use_dora=False "
+            "for that layer, or leave it out of the adapter"
+        )
+    if not has_dora:
+        raise CapacityError(
+            f"layer {name!r}: the adapter is DoRA (a magnitude vector per output feature) but the capacity has no "
+            "room for DoRA vectors; attach with Capacity(..., dora=True), or build the capacity with "
+            "Capacity.for_adapters over every adapter you will serve (it turns DoRA on when one needs it)"
+        )
+
+
 def _check_values(layers: Iterable[tuple[str, LayerLora, torch.dtype | None]]) -> None:
     """Raise :class:`NonFiniteError` naming the first tensor with a NaN or inf, or a value beyond its layer's
     dtype (None: finite is enough). A norm within the dtype's range bounds every value, so one float32
@@ -498,7 +560,13 @@ def _check_values(layers: Iterable[tuple[str, LayerLora, torch.dtype | None]]) -
     named = [
         (name, role, tensor, dtype)
         for name, layer, dtype in layers
-        for role, tensor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_bias", layer.lora_bias))
+        for role, tensor in (
+            ("lora_A", layer.lora_A),
+            ("lora_B", layer.lora_B),
+            ("lora_bias", layer.lora_bias),
+            ("lora_magnitude_vector", layer.magnitude),
+            ("dora", layer.dora),
+        )
         if tensor is not None and tensor.numel()
     ]
     limits = [_float_max(dtype or torch.float32) for *_, dtype in named]

@@ -10,6 +10,7 @@ is planned by the code ``attach`` runs, so the bytes reported are the bytes ``at
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class Plan:
     host_cache_bytes: int
     host_cache_budget: int
     adapters: tuple[AdapterFit, ...]
+    dora_bytes: int = 0  # of slot_bytes: the DoRA vectors (one [out] per layer; Capacity.dora)
 
     @property
     def capacity(self) -> Capacity | None:
@@ -299,6 +301,12 @@ def _costs(
         wrapped += len(targets)
         layouts[name] = SlotLayout.plan(((n, module, cls.spec(module)) for n, module, cls in targets), capacity)
     slot_bytes = sum(layout.slot_nbytes for layout in layouts.values())
+    dora_bytes = sum(
+        (group.dora.stop - group.dora.start) * group.dtype.itemsize
+        for layout in layouts.values()
+        for group in layout.groups
+        if group.dora is not None
+    )
     routing_bytes = sum((capacity.max_batch + 1) * capacity.slots * 4 + 1 for capacity in capacities.values())
     slots = max((capacity.slots for capacity in capacities.values()), default=0)
     fits, cached = [], 0
@@ -326,6 +334,7 @@ def _costs(
         host_cache_bytes=cached,
         host_cache_budget=default_cache_bytes() if cache_bytes is None else cache_bytes,
         adapters=tuple(fits),
+        dora_bytes=dora_bytes,
     )
 
 
@@ -345,7 +354,8 @@ def _layer_infos(adapter: Adapter) -> dict[str, LayerInfo]:
             lora_A_shape=tuple(layer.lora_A.shape),
             lora_B_shape=tuple(layer.lora_B.shape),
             bias_shape=None if layer.lora_bias is None else tuple(layer.lora_bias.shape),
-            numel=sum(t.numel() for t in (layer.lora_A, layer.lora_B, layer.lora_bias) if t is not None),
+            numel=sum(t.numel() for t in (layer.lora_A, layer.lora_B, layer.lora_bias, layer.magnitude) if t is not None),
+            magnitude_shape=None if layer.magnitude is None else tuple(layer.magnitude.shape),
         )
         for name, layer in adapter.layers.items()
     }
@@ -405,6 +415,11 @@ def _shape_problem(layer: LayerInfo, spec: SlotSpec) -> str | None:
         )
     if layer.bias_shape is not None and layer.bias_shape != (spec.out,):
         return f"lora_bias {list(layer.bias_shape)} does not fit the layer (needs [{spec.out}])"
+    if layer.magnitude_shape is not None:
+        if spec.groups > 1:
+            return f"DoRA on a conv with groups={spec.groups} cannot be served exactly (PEFT's DoRA norm is wrong there)"
+        if math.prod(layer.magnitude_shape) != spec.out:
+            return f"DoRA magnitude {list(layer.magnitude_shape)} does not fit the layer (needs [{spec.out}])"
     return None
 
 
@@ -427,11 +442,17 @@ def print_plan(result: Plan, console: Console | None = None) -> None:
         )
         summary.add_row(f"{label}target layers", str(len(capacity.target_modules)))
         summary.add_row(f"{label}LoRA bias", "yes" if capacity.lora_bias else "no")
+        summary.add_row(f"{label}DoRA", "yes" if capacity.dora else "no")
     if result.capacities:
         slots = max(capacity.slots for capacity in result.capacities.values())
         summary.add_row("wrapped layers", str(result.wrapped_layers))
         summary.add_row("slots", str(slots))
         summary.add_row("padded bytes per slot", format_bytes(result.slot_bytes))
+        if result.dora_bytes:
+            summary.add_row(
+                "DoRA vectors per slot",
+                f"{format_bytes(result.dora_bytes)} (per forward: one per-row vector times the base output per layer)",
+            )
         summary.add_row(
             "device total",
             f"{format_bytes(result.device_bytes)} ({slots} x slot + {format_bytes(result.routing_bytes)} routing)",

@@ -26,9 +26,10 @@ from torch import nn
 from .adapter import Adapter, AdapterSource, load_adapter
 from .cache import AdapterCache, cache_key
 from .capacity import Capacity
-from .errors import LayoutChangedError, SlotError
+from .dora import resolve_dora
+from .errors import DoraStrengthError, LayoutChangedError, SlotError
 from .formats.safetensors import ReadBuffer
-from .layers import SlotLayer
+from .layers import SlotConv1D, SlotEmbedding, SlotLayer
 from .layout import LiveRows, PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
 from .routing import BlendWeights, Router
 
@@ -84,6 +85,8 @@ class AdapterSlots:
         self._read_buffers = threading.local()  # per thread: the file buffer that loads without a host cache reuse
         self._loaded: dict[int, str] = {}
         self._read_slots: frozenset[int] = frozenset({0})  # slots some row reads with a non-zero weight
+        self._partial_slots: frozenset[int] = frozenset()  # slots some row reads at a weight other than 0 and 1
+        self._dora_slots: set[int] = set()  # slots holding a DoRA adapter (served at weight 0 or 1 only)
         self._prefetcher: ThreadPoolExecutor | None = None
         self._routed: tuple[int, str] | None = None  # (count, "row"/"token") the last route/blend list gave
         if check_rows:  # runs eagerly, outside the graph (disabled here, not at class definition: that imports dynamo)
@@ -141,8 +144,20 @@ class AdapterSlots:
 
     def pack(self, adapter: Adapter) -> PackedAdapter:
         """Validate ``adapter`` against the capacity and pad it into slot layout (host memory; no slot is written)."""
+        return self.layout.pack(self._checked(adapter), pin_memory=self._pin)
+
+    def _checked(self, adapter: Adapter) -> Adapter:
+        """Checks that need the model, and DoRA resolved against the base weights (see :mod:`loraswap.dora`):
+        its shapes are validated first, its magnitude-over-norm is computed once here (the host cache keeps it)."""
         check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
-        return self.layout.pack(adapter, pin_memory=self._pin)
+        if not adapter.has_dora:
+            return adapter
+        self.layout.validate(adapter, cast=True)
+        return resolve_dora(adapter, self._base_weight, self._major_in)
+
+    def _major_in(self, name: str) -> bool:
+        """Whether target layer ``name``'s base weight is stored ``[in, out]`` (Conv1D, Embedding)."""
+        return isinstance(self.model.get_submodule(name), (SlotConv1D, SlotEmbedding))
 
     def _base_weight(self, name: str) -> torch.Tensor:
         """The weight of target layer ``name`` that a base weight saved beside its adapter must equal."""
@@ -159,14 +174,13 @@ class AdapterSlots:
         if self.cache.max_bytes or self._copy_stream is not None:
             self._write_packed(self.packed(source, allow_pickle=allow_pickle), slot)
             return
-        adapter = load_adapter(source, allow_pickle=allow_pickle, scratch=self._read_buffer())
-        check_saved_base_weights(adapter, self._base_weight, self.layout.placements)
+        adapter = self._checked(load_adapter(source, allow_pickle=allow_pickle, scratch=self._read_buffer()))
         self.layout.validate(adapter, cast=True)
 
         def write(*rows: tuple[torch.Tensor, ...]) -> None:
             self.layout.fill(adapter, *rows)
 
-        self._write_slot(slot, adapter.source, write)
+        self._write_slot(slot, adapter.source, write, dora=adapter.has_dora)
 
     def _read_buffer(self) -> ReadBuffer:
         """This thread's read buffer: a load reads, validates and writes an adapter before the thread reads another."""
@@ -188,7 +202,7 @@ class AdapterSlots:
         def write(*_rows: tuple[torch.Tensor, ...]) -> None:
             torch._foreach_copy_(destinations, packed.copy_sources, non_blocking=True)
 
-        self._write_slot(slot, packed.source, write)
+        self._write_slot(slot, packed.source, write, dora=packed.has_dora)
 
     def _copy_destinations(self, slot: int, live_rows: LiveRows) -> tuple[torch.Tensor, ...]:
         """:meth:`SlotLayout.copy_views` of ``slot``'s row, kept per (slot, live rows): a warm swap then builds no
@@ -202,17 +216,30 @@ class AdapterSlots:
             self._destinations[key] = destinations
         return destinations
 
-    def _write_slot(self, slot: int, source: str, write: SlotWrite) -> None:
+    def _write_slot(self, slot: int, source: str, write: SlotWrite, dora: bool = False) -> None:
         """``write`` a validated adapter into ``slot``: without ``lock`` when no row reads ``slot``."""
         self._check_layout()
         with self._write_lock:
             if slot not in self._read_slots:
                 self._write_rows(slot, write, slot_is_read=False)
-                self._loaded[slot] = source
+                self._set_loaded(slot, source, dora)
                 return
         with self.lock, self._write_lock:
+            if dora and slot in self._partial_slots:
+                raise DoraStrengthError(
+                    f"{source} is DoRA and slot {slot} is read at a strength other than 1 (blend); DoRA's norm "
+                    "depends on the strength, so it is served at strength 0 or 1 only: route the rows to the slot "
+                    "at weight 1 (route/activate, or blend with 1.0) before loading it there"
+                )
             self._write_rows(slot, write, slot_is_read=slot in self._read_slots)
-            self._loaded[slot] = source
+            self._set_loaded(slot, source, dora)
+
+    def _set_loaded(self, slot: int, source: str, dora: bool) -> None:
+        self._loaded[slot] = source
+        if dora:
+            self._dora_slots.add(slot)
+        else:
+            self._dora_slots.discard(slot)
 
     def _write_rows(self, slot: int, write: SlotWrite, slot_is_read: bool) -> None:
         """Run ``write(weights, scales, live)`` on ``slot``'s rows; on CUDA on the side stream, which orders every
@@ -245,13 +272,14 @@ class AdapterSlots:
         with self.lock, self._write_lock:
             self._write_rows(slot, self.layout.zero_rows, slot in self._read_slots)
             self._loaded.pop(slot, None)
+            self._dora_slots.discard(slot)
 
     def activate(self, slot: int) -> None:
         """Every row uses ``slot``."""
         self._check_layout()
         with self.lock, self._write_lock:
             self.router.activate(slot)
-            self._set_read_slots(frozenset({slot}), routed=None)
+            self._set_read_slots(frozenset({slot}), routed=None, partial=frozenset())
 
     def route(self, ids: Sequence[int], *, per_token: bool = False) -> None:
         """Row ``i`` (or packed token ``i`` with ``per_token=True``) uses slot ``ids[i]``; -1 = base model only.
@@ -264,23 +292,41 @@ class AdapterSlots:
         with self.lock, self._write_lock:
             self.router.route(ids, per_token=per_token)
             read = frozenset(int(slot) for slot in ids) - {-1}
-            self._set_read_slots(read, routed=(len(ids), "token" if per_token else "row"))
+            self._set_read_slots(read, routed=(len(ids), "token" if per_token else "row"), partial=frozenset())
 
     def blend(self, weights: BlendWeights | Sequence[BlendWeights]) -> None:
         """Every row (or row ``i``, given a list: one mapping per row, as in ``route``) uses a weighted sum of slots."""
         self._check_layout()
         with self.lock, self._write_lock:
-            self.router.blend(weights)
             rows = [weights] if isinstance(weights, Mapping) else weights
-            self._set_read_slots(_weighted_slots(rows), routed=_list_rows(weights))
+            partial = _partial_slots(rows)
+            self._check_dora_strengths(partial, rows)
+            self.router.blend(weights)
+            self._set_read_slots(_weighted_slots(rows), routed=_list_rows(weights), partial=partial)
 
-    def _set_read_slots(self, read_slots: frozenset[int], routed: tuple[int, str] | None) -> None:
+    def _check_dora_strengths(self, partial: frozenset[int], rows: Sequence[BlendWeights]) -> None:
+        """Refuse a DoRA slot read at a strength other than 0 or 1 (see :mod:`loraswap.dora`)."""
+        refused = sorted(partial & self._dora_slots)
+        if not refused:
+            return
+        slot = refused[0]
+        weight = next(float(row[key]) for row in rows for key in row if int(key) == slot and float(row[key]) not in (0.0, 1.0))
+        raise DoraStrengthError(
+            f"slot {slot} holds a DoRA adapter ({self._loaded.get(slot)}) and blend gives it strength {weight}; DoRA's "
+            "magnitude-over-norm was computed at strength 1 and PEFT recomputes it at another scale, so loraswap "
+            "serves DoRA at strength 0 or 1 only: use strength 1 (or 0), or a plain LoRA adapter to scale"
+        )
+
+    def _set_read_slots(
+        self, read_slots: frozenset[int], routed: tuple[int, str] | None, partial: frozenset[int]
+    ) -> None:
         """Record which slots rows now read, and how many rows (None: any number) the routing was given; on CUDA,
         later slot writes also wait for the forwards queued before this change, which may still read a slot
         that is no longer read."""
         if self._copy_stream is not None:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
         self._read_slots = read_slots
+        self._partial_slots = partial
         self._routed = routed
 
     def _check_forward_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -322,6 +368,11 @@ class AdapterSlots:
 def _list_rows(weights: BlendWeights | Sequence[BlendWeights]) -> tuple[int, str] | None:
     """How many rows a per-row blend list names (None for one mapping, which every row uses)."""
     return None if isinstance(weights, Mapping) else (len(weights), "row")
+
+
+def _partial_slots(rows: Iterable[BlendWeights]) -> frozenset[int]:
+    """Slots some row reads at a weight other than 0 and 1."""
+    return frozenset(int(slot) for row in rows for slot, weight in row.items() if float(weight) not in (0.0, 1.0))
 
 
 def _weighted_slots(rows: Iterable[BlendWeights]) -> frozenset[int]:

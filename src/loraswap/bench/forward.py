@@ -18,6 +18,9 @@ the two are expected to tie and the interval to straddle zero. Swap times cycle 
 loraswap ``load`` from its host cache, fused ``load`` (a merge), PEFT's ``hotswap_adapter``. After
 each swap every mode's output is compared with PEFT's eager model, and recompilations are counted.
 Timings use one torch thread by default (``--threads``): steadier on a shared CPU.
+
+Set (d), the DoRA rows (:mod:`loraswap.bench.dora`): set (a)'s rank-8 adapter as plain LoRA and as DoRA in
+one capacity with DoRA room: one slot active, a routed batch with half the rows on DoRA, a swap from the cache.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..attach import attach
 from ..capacity import Capacity
 from ..compile_guard import CompileCounter
 from ..testing.synthetic import LLAMA_PROJECTIONS, peft_reference, tiny_llama, write_adapters
+from .dora import dora_rows, dora_targets
 from .report import format_seconds, plot_bars, print_table
 from .timing import alternating_samples, paired_difference
 
@@ -183,10 +187,26 @@ def run_set(set_name: str, rounds: int, batch: int, seq: int, swap_cycles: int, 
     }
 
 
+def run_dora_set(rounds: int, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
+    """Set (d): DoRA vs plain LoRA of set (a)'s rank 8, on the same model."""
+    torch.manual_seed(seed)
+    base = tiny_llama(hidden=512, layers=8, vocab=VOCAB, seed=seed)
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        result = dora_rows(base, ADAPTER_SETS["a"]["r8"], Path(directory), tokens, rounds)
+    return {"title": "set (d): DoRA vs plain LoRA, rank 8 on all seven projections, one capacity with DoRA room",
+            "dora": True, **result}  # fmt: skip
+
+
 def check_targets(sets: Mapping[str, dict]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured figure and whether it is met."""
     targets = []
     for set_name, result in sets.items():
+        if result.get("dora"):
+            targets += dora_targets(result)
+            continue
         overhead = result["overhead_s"]
         for mode in (UNIFORM, PER_LAYER):
             difference = result["minus_peft_per_round_s"][mode]
@@ -220,7 +240,7 @@ def check_targets(sets: Mapping[str, dict]) -> list[dict[str, Any]]:
 
 
 def run_forward(
-    sets: str = "ab", rounds: int = 60, batch: int = 1, seq: int = 128, swap_cycles: int = 3, threads: int | None = 1
+    sets: str = "abd", rounds: int = 60, batch: int = 1, seq: int = 128, swap_cycles: int = 3, threads: int | None = 1
 ) -> dict[str, Any]:
     """Run the benchmark on the named adapter sets; medians in seconds.
 
@@ -229,7 +249,10 @@ def run_forward(
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    results = {name: run_set(name, rounds, batch, seq, swap_cycles) for name in sets}
+    results = {
+        name: run_dora_set(rounds, batch, seq) if name == "d" else run_set(name, rounds, batch, seq, swap_cycles)
+        for name in sets
+    }
     return {
         "model": f"Llama hidden 512, 8 layers, vocab {VOCAB}; LoRA on {', '.join(LLAMA_PROJECTIONS)}",
         "input": f"batch {batch} x {seq} tokens",
@@ -248,6 +271,9 @@ def print_forward(result: Mapping[str, Any]) -> None:
     for name, note in MODE_NOTES.items():
         console.print(f"  {name}: {note}")
     for set_result in result["sets"].values():
+        if set_result.get("dora"):
+            _print_dora(set_result, console)
+            continue
         forward = set_result["forward_median_s"]
         errors = set_result["max_abs_error_vs_peft_eager"]
         print_table(
@@ -284,10 +310,18 @@ def print_forward(result: Mapping[str, Any]) -> None:
     )
 
 
+def _print_dora(result: Mapping[str, Any], console: Console) -> None:
+    rows = [(name, format_seconds(seconds)) for name, seconds in result["forward_median_s"].items()]
+    rows += [(name, format_seconds(seconds)) for name, seconds in result["swap_median_s"].items()]
+    print_table(result["title"], ["row", "median"], rows, console)
+    console.print(f"DoRA max |diff| vs PEFT eager: {result['max_abs_error_vs_peft_eager']:.1e}")
+
+
 def plot_forward(result: Mapping[str, Any], path: Path) -> None:
     values = {
         f"({set_name}) {mode}": seconds * 1e3
         for set_name, set_result in result["sets"].items()
         for mode, seconds in set_result["forward_median_s"].items()
+        if not set_result.get("dora")
     }
     plot_bars(path, f"Per-forward median ({result['input']})", values, unit="ms")

@@ -146,10 +146,11 @@ class PipelineHotswap:
                     layers |= adapter.components[name].target_names
             if layers:
                 bias = any(a.components[name].has_bias for a in adapters if name in a.components)
+                dora = any(a.components[name].has_dora for a in adapters if name in a.components)
                 capacities[name] = Capacity(
                     max_rank=self.target_rank, target_modules=tuple(sorted(layers)), slots=self.names.slot_count,
                     max_blend=self.names.slot_count,
-                    lora_bias=bias,
+                    lora_bias=bias, dora=dora,
                 )  # fmt: skip
         return capacities
 

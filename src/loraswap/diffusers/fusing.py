@@ -3,7 +3,7 @@
 The drop-ins attach in slots mode (slot layers around the base layers). ``fuse_lora`` turns the adapters
 active at that moment (with their ``set_adapters`` weights, times ``lora_scale``) into one :class:`Adapter`
 over the slot layers' *base* layers (the slots' ranks side by side, each slot's weight and scale folded into
-its ``lora_B``: exactly the sum the slot layers compute), and merges it with loraswap's fused mode
+its ``lora_B``: exactly the sum the slot layers compute; a DoRA slot is refused by name), and merges it with loraswap's fused mode
 (:class:`~loraswap.FusedSlots`): ``W0 + B @ A`` written into each base weight's own storage, from a pristine
 host copy taken at that moment. The model's routing is then emptied, so the slot layers add nothing and a
 forward costs the base model's plus the (zero-weight) slot kernels; ``unfuse_lora`` restores every base
@@ -42,6 +42,12 @@ def merged_adapter(model: nn.Module, weights: Mapping[int, float], source: str) 
         terms = [(slot, factor) for slot, factor in terms if factor != 0.0]
         if not terms:
             continue
+        if layer.lora_dora is not None and any(bool(layer.lora_dora[slot].any()) for slot, _ in terms):
+            raise ModeError(
+                f"layer {name!r}: fuse_lora of a DoRA adapter is not implemented in the drop-in (its magnitude rescales "
+                "the merged weight, which one B @ A cannot hold); keep it unfused (slots mode serves it exactly), or "
+                "serve it with loraswap.attach(..., mode='fused')"
+            )
         if isinstance(getattr(layer.base_layer, "embed_scale", None), torch.Tensor):
             raise ModeError(
                 f"layer {name!r}: fuse_lora cannot merge into an embedding scaled by embed_scale (the scale applies to "

@@ -97,7 +97,8 @@ def first_capacity(model: nn.Module, adapter: Adapter, target_rank: int, slot_co
     usual = {n for n, m in model.named_modules() if n and defaults.matches(n) and slot_layer_class(m) is not None}
     targets = tuple(sorted(usual | set(adapter.target_names)))
     return Capacity(
-        max_rank=target_rank, target_modules=targets, slots=slot_count, max_blend=slot_count, lora_bias=adapter.has_bias
+        max_rank=target_rank, target_modules=targets, slots=slot_count, max_blend=slot_count, lora_bias=adapter.has_bias,
+        dora=adapter.has_dora,
     )  # set_adapters may weight every loaded adapter in one row
 
 

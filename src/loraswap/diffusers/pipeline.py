@@ -361,6 +361,7 @@ def capacities_for(
             slots=slots,
             max_blend=max_blend,
             lora_bias=any(part.has_bias for part in parts),
+            dora=any(part.has_dora for part in parts),
             layer_ranks={layer: max(rank, min_rank) for layer, rank in ranks.items()} if per_layer_rank else {},
             **extra,
         )

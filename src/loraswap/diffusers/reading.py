@@ -35,6 +35,7 @@ from ..formats.locate import HUB_ID, SAFETENSORS, download_from_hub, is_peft_dir
 from ..formats.lora_keys import component_configs
 from ..formats.safetensors import read_safetensors_header
 from ..formats.support import refuse_unsupported
+from .dora_scale import check_all_traced, take_dora_scales, with_magnitudes
 
 PipelineSource = Union[str, os.PathLike, Mapping[str, torch.Tensor], Adapter, "PipelineAdapter"]
 
@@ -95,19 +96,22 @@ def read_pipeline_adapter(
         return PipelineAdapter({_component_for(adapter, components): adapter}, adapter.source)
     label = _label(source)
     source, hub_kwargs = resolve_hub_id(source, hub_kwargs, allow_pickle)
+    source, dora_scales = take_dora_scales(source, label)  # before diffusers, which deletes dora_scale keys
     _refuse_unsupported(source, hub_kwargs, label)
     state_dict, network_alphas, metadata = _diffusers_state_dict(pipe, source, label, allow_pickle, hub_kwargs)
     _check_prefixes(state_dict, components, label)
     adapters = {}
+    traced: set[int] = set()
     for name, module in components.items():
         part = {key[len(name) + 1 :]: value for key, value in state_dict.items() if key.startswith(name + ".")}
         if not part:
             continue
         alphas = {key[len(name) + 1 :]: float(value) for key, value in network_alphas.items() if key.startswith(name + ".")}
         config = {key[len(name) + 1 :]: value for key, value in metadata.items() if key.startswith(name + ".")}
-        adapters[name] = component_adapter(part, alphas, config or None, module, f"{label}:{name}")
+        adapters[name] = component_adapter(part, alphas, config or None, module, f"{label}:{name}", (dora_scales, traced))
     if not adapters:
         raise AdapterFormatError(f"{label}: holds no LoRA tensors for any of {sorted(components)}")
+    check_all_traced(dora_scales, traced, label)
     if into_transformer_2:
         adapters = _into_transformer_2(adapters, components, label)
     return PipelineAdapter(adapters, label)
@@ -131,6 +135,7 @@ def component_adapter(
     config: Mapping[str, Any] | None,
     module: nn.Module,
     source: str,
+    dora_scales: tuple[Mapping[int, Any], set[int]] | None = None,
 ) -> Adapter:
     """One component's diffusers-keyed LoRA tensors -> :class:`Adapter` (PEFT module names, exact scalings).
 
@@ -143,6 +148,8 @@ def component_adapter(
         peft_state_dict = _to_peft_keys(state_dict, text_encoder=is_text_encoder(module), module=module)
     except CONVERTER_ERRORS as err:
         raise AdapterFormatError(f"{source}: diffusers cannot convert these LoRA keys ({err})") from err
+    if dora_scales is not None:  # kohya dora_scale, by the identity of each module's lora_down (see dora_scale.py)
+        peft_state_dict = with_magnitudes(peft_state_dict, dora_scales[0], source, dora_scales[1])
     if alpha_by_tensor:
         for key, tensor in list(peft_state_dict.items()):
             if key.endswith(".lora_A.weight") and id(tensor) in alpha_by_tensor:

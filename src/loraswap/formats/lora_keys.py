@@ -47,6 +47,7 @@ PEFT_SUFFIXES = (
     (".lora_B.bias", "lora_bias"),
     (".lora_embedding_A", "lora_A"),
     (".lora_embedding_B", "lora_B"),
+    (".lora_magnitude_vector", "magnitude"),  # DoRA (PEFT's saved key drops the adapter name and ".weight")
     (BASE_LAYER_WEIGHT, "base_weight"),
 )
 KOHYA_SUFFIXES = (
@@ -218,6 +219,14 @@ def config_rank_mismatch(source: str, module: str, rank: int, config_rank: int) 
     return AdapterFormatError(
         f"{source}: layer {module!r} has rank {rank} in its tensors but {config_rank} in the config "
         "(r / rank_pattern); the config does not belong to these weights"
+    )
+
+
+def dora_magnitudes_missing(source: str, missing: list[str]) -> AdapterFormatError:
+    """The error for a ``use_dora`` config whose layers lack ``lora_magnitude_vector`` (PEFT would train-init them)."""
+    return AdapterFormatError(
+        f"{source}: the config says use_dora=True but layer {missing[0]!r} has no lora_magnitude_vector "
+        f"({len(missing)} layer(s) lack one); the file is incomplete: re-save the DoRA adapter with PEFT"
     )
 
 

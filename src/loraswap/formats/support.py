@@ -1,8 +1,8 @@
 """What loraswap cannot reproduce exactly, decided from an adapter's key names and config alone.
 
-A slot layer computes ``base(x) + scaling * B(A(x))`` with the base weights untouched. An adapter
-that needs anything else (a DoRA magnitude rescale, a Hadamard or Kronecker product, base weights
-that training changed, ...) would load as a different model, so it is refused instead, with the
+A slot layer computes ``base(x) + scaling * B(A(x))`` (plus PEFT's DoRA rescale, see :mod:`loraswap.dora`)
+with the base weights untouched. An adapter that needs anything else (a Hadamard or Kronecker product, base
+weights that training changed, ...) would load as a different model, so it is refused instead, with the
 feature named, why a hot-swap cannot honour it, and what to do.
 
 Every reading path asks this module: :func:`loraswap.inspect` lists what :func:`find_unsupported`
@@ -44,11 +44,13 @@ class Unsupported:
         return f"{where}: {feature.name} ({self.evidence}) cannot be hot-swapped: {feature.why}; {feature.fix}"
 
 
-DORA = Feature(
-    "DoRA",
-    "DoRA rescales every output channel of W + s*B*A by a trained magnitude vector, which a slot layer "
-    "(base output + s*B(A(x))) cannot apply; read as plain LoRA it would silently give another model",
-    "merge it into the base model (PEFT's merge_and_unload) and serve that model, or retrain with use_dora=False",
+DORA_SCALE = Feature(
+    "DoRA in kohya/LyCORIS form (dora_scale)",
+    "this reader takes PEFT-keyed files, where DoRA is PEFT's lora_magnitude_vector (served exactly); a dora_scale "
+    "key comes from a kohya/LyCORIS/OneTrainer file, whose DoRA this reader does not convert; read as plain LoRA "
+    "it would silently give another model",
+    "convert it to PEFT's layout (lora_magnitude_vector per output feature), or merge it into the base model and "
+    "serve that model",
 )
 LOHA = Feature("LyCORIS LoHa", "LoHa's update is a Hadamard product of two low-rank pairs, not one B*A")
 LOKR = Feature("LyCORIS LoKr", "LoKr's update is a Kronecker product of two factors, not one B*A")
@@ -106,7 +108,6 @@ LOFTQ = Feature(
 )
 # PEFT config options that make an adapter more than plain LoRA (truthy value -> feature)
 CONFIG_FEATURES = {
-    "use_dora": DORA,
     "modules_to_save": MODULES_TO_SAVE,
     "trainable_token_indices": TRAINABLE_TOKENS,
     "layer_replication": Feature("layer_replication", "PEFT duplicated base layers: another model structure"),
@@ -119,8 +120,7 @@ CONFIG_FEATURES = {
 PEFT_TYPES = {"IA3": IA3, "VERA": VERA, "ADALORA": ADALORA, "LOHA": LOHA, "LOKR": LOKR, "OFT": OFT, "BOFT": OFT}
 # A key segment (between dots) that starts with one of these belongs to a feature.
 KEY_SEGMENT_FEATURES = (
-    ("lora_magnitude_vector", DORA),
-    ("dora_scale", DORA),
+    ("dora_scale", DORA_SCALE),
     ("hada_", LOHA),
     ("lokr_", LOKR),
     ("lora_mid", TUCKER),
@@ -191,6 +191,13 @@ def unsupported_in_config(config: Mapping[str, Any]) -> list[Unsupported]:
     for option, feature in CONFIG_FEATURES.items():
         if config.get(option):
             found.append(Unsupported(feature, f"{option}={config[option]!r}"))
+    if config.get("use_dora") and config.get("lora_bias"):
+        feature = Feature(
+            "DoRA with lora_bias",
+            "PEFT itself rejects use_dora=True with lora_bias=True (its LoraConfig raises), so no reference exists",
+            "retrain with one of use_dora or lora_bias",
+        )
+        found.append(Unsupported(feature, "use_dora=True, lora_bias=True"))
     if config.get("bias") in ("all", "lora_only"):
         found.append(Unsupported(TRAINED_BIAS, f"bias={config['bias']!r}"))
     init = config.get("init_lora_weights")

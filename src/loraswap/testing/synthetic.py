@@ -77,6 +77,23 @@ def _shrink_lora_weights(peft_model: nn.Module, std: float = 0.05) -> None:
                 param.normal_(0.0, std)
 
 
+def write_dora_adapter(base: nn.Module, path: str | Path, seed: int = 0, **lora_config: Any) -> Path:
+    """A PEFT DoRA adapter (``use_dora=True``): random A and B, and magnitudes moved off ``||W + s*B*A||`` by up to
+    25% (as training leaves them; at the norm, DoRA would equal plain LoRA and a comparison could not tell)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, use_dora=True, **lora_config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.5 * (torch.rand_like(param) - 0.5))
+            elif "lora_" in name:
+                param.normal_(0.0, 0.05)
+    model.save_pretrained(str(path))
+    return Path(path)
+
+
 def write_adapters(base: nn.Module, directory: str | Path, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
     """``{name: LoraConfig kwargs}`` -> ``{name: adapter directory}``, each with its own seed."""
     directory = Path(directory)
