@@ -38,7 +38,8 @@ from .cache import AdapterCache, cache_key
 from .capacity import Capacity
 from .errors import CapacityError, LayoutChangedError, ModeError, NonFiniteError, SlotError
 from .layers import SlotConv1D, SlotEmbedding, slot_layer_class
-from .layout import SlotLayout, all_finite, check_packed_for, check_saved_base_weights
+from .layout import SlotLayout, check_packed_for
+from .value_checks import all_finite, check_saved_base_weights
 from .routing import BlendWeights
 
 _FUSED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()

@@ -30,7 +30,8 @@ from .dora import resolve_dora
 from .errors import DoraStrengthError, LayoutChangedError, SlotError
 from .formats.safetensors import ReadBuffer
 from .layers import SlotConv1D, SlotEmbedding, SlotLayer
-from .layout import LiveRows, PackedAdapter, SlotLayout, SlotStorage, check_packed_for, check_saved_base_weights
+from .layout import LiveRows, PackedAdapter, SlotLayout, SlotStorage, check_packed_for
+from .value_checks import check_saved_base_weights
 from .routing import BlendWeights, Router
 
 MAX_KEPT_DESTINATIONS = 4096
